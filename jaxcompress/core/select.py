@@ -1,0 +1,78 @@
+"""Exact top-k selection without a sort, across one or many arrays.
+
+Mask updates must not sort every weight on every step (a full argsort dominates
+a training step). ``topk_masks`` finds the k-th largest score by bisection on
+the order-preserving integer image of float32 (32 counting passes over the
+scores, each one fused elementwise-compare-and-sum), then breaks ties by
+position so that exactly k entries are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def _sortable_bits(x: jax.Array) -> jax.Array:
+  """uint32 whose unsigned order equals the float order of ``x`` (float32).
+
+  NaN is mapped below every number (NaN scores are dropped first).
+  """
+  x = jnp.where(jnp.isnan(x), -jnp.inf, x.astype(jnp.float32))
+  x = x + 0.0  # -0.0 -> +0.0 so that both zeros tie
+  b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  neg = (b >> 31) == 1
+  return jnp.where(neg, ~b, b | jnp.uint32(0x80000000))
+
+
+def topk_masks(scores: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]:
+  """Boolean masks keeping exactly the ``k`` largest scores over all arrays.
+
+  Ties at the threshold go to earlier arrays, then to lower flat indices. NaN
+  scores rank below every number, ``-inf`` included. ``k`` may be traced; it is
+  clipped to ``[0, total size]``.
+
+  Args:
+    scores: float arrays of any shapes.
+    k: how many entries to keep in total.
+
+  Returns:
+    One bool mask per score array, same shapes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> [m.tolist() for m in topk_masks([jnp.array([3., 1.]), jnp.array([2., 5.])], 2)]
+    [[True, False], [False, True]]
+  """
+  bits = [_sortable_bits(s) for s in scores]
+  total = sum(int(s.size) for s in scores)
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
+
+  def count_ge(t):
+    return sum(jnp.sum(b >= t, dtype=jnp.int32) for b in bits)
+
+  # Largest t with count(bits >= t) >= k (t = 0 when k == 0: every bit >= 0).
+  def body(_, lohi):
+    lo, hi = lohi
+    span = hi - lo
+    mid = lo + (span >> 1) + (span & 1)
+    ok = count_ge(mid) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  lo, _ = jax.lax.fori_loop(
+      0, 32, body, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)), unroll=False
+  )
+  t = lo
+  above = [b > t for b in bits]
+  need = k - sum(jnp.sum(a, dtype=jnp.int32) for a in above)  # ties to take
+  masks = []
+  taken = jnp.int32(0)
+  for b, a in zip(bits, above):
+    eq = (b == t).reshape(-1)
+    rank = jnp.cumsum(eq, dtype=jnp.int32) - 1 + taken
+    tie_keep = (eq & (rank < need)).reshape(b.shape)
+    taken = taken + jnp.sum(eq, dtype=jnp.int32)
+    masks.append((a | tie_keep) & (k > 0))
+  return masks

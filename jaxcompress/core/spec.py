@@ -1,0 +1,485 @@
+"""The compression spec: rules map params to trainables and state, and back.
+
+    trainable, state = spec.init(params)
+    model_params     = spec.apply(trainable, state)
+    trainable, state = spec.update(trainable, state, step, grads=..., stats=...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.core import sharding as _sharding
+from jaxcompress.core.paths import parent, path_str
+from jaxcompress.core.stage import Stage, UpdateContext, materialize
+
+PyTree = Any
+
+# --------------------------------------------------------------------------
+# Per-leaf containers.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Compressed:
+  """The trainable node of a leaf whose stages train something besides the weight.
+
+  Attributes:
+    weight: the dense weight, or ``None`` when the first stage replaces it.
+    params: ``{stage key: that stage's trainable params}``.
+  """
+
+  weight: Any
+  params: dict[str, Any]
+
+
+@dataclasses.dataclass
+class LeafState:
+  """The state node of a leaf: ``{stage key: that stage's state}``.
+
+  Leaves that no rule selects hold an empty ``LeafState``.
+  """
+
+  stages: dict[str, Any]
+  #: Index of the owning rule in ``Spec.rules`` (static), -1 when none.
+  rule: int = -1
+
+
+jax.tree_util.register_dataclass(Compressed, data_fields=["weight", "params"], meta_fields=[])
+jax.tree_util.register_dataclass(LeafState, data_fields=["stages"], meta_fields=["rule"])
+
+
+def _is_node(x: Any) -> bool:
+  return isinstance(x, (Compressed, LeafState))
+
+
+# --------------------------------------------------------------------------
+# Rules.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Selects leaves whose path fully matches ``pattern`` and compresses them.
+
+  Args:
+    pattern: a regular expression matched with ``re.fullmatch`` against the
+      leaf path (``Dense_0/kernel``; see ``jaxcompress.core.paths.path_str``).
+    stages: stages applied left to right: ``[prune, quantize]`` gives Q(M * W).
+
+  Example:
+    >>> import jaxcompress as jc
+    >>> rule = jc.Rule(r".*kernel", [jc.prune.magnitude(sparsity=0.5)])
+  """
+
+  pattern: str
+  stages: tuple[Stage, ...]
+
+  def __init__(self, pattern: str, stages: Sequence[Stage] | Stage):
+    if not isinstance(pattern, str):
+      raise TypeError(f"Rule pattern must be a str, got {pattern!r}.")
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"Rule pattern {pattern!r} is not a valid regular expression: {e}.") from e
+    if isinstance(stages, Stage):
+      stages = (stages,)
+    stages = tuple(stages)
+    if not stages:
+      raise ValueError(f"Rule {pattern!r} has no stages; give at least one stage.")
+    for i, s in enumerate(stages):
+      if not isinstance(s, Stage):
+        raise TypeError(
+            f"Rule {pattern!r}: stage {i} is {s!r}, not a jaxcompress stage. Build stages "
+            "with the technique modules, e.g. jc.prune.magnitude(sparsity=0.9)."
+        )
+      if s.replaces_weight and i != 0:
+        raise ValueError(
+            f"Rule {pattern!r}: stage {type(s).__name__} replaces the weight (it trains other "
+            f"leaves instead) and must come first in its rule, but it is at position {i}."
+        )
+    object.__setattr__(self, "pattern", pattern)
+    object.__setattr__(self, "stages", stages)
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.pattern, path) is not None
+
+  @property
+  def keys(self) -> tuple[str, ...]:
+    """The key of each stage in a leaf's ``Compressed.params`` and ``LeafState``."""
+    names = [s.name for s in self.stages]
+    return tuple(n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names))
+
+
+def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
+  if key is None:
+    return None
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _stage_key(key: jax.Array | None, i: int) -> jax.Array | None:
+  return None if key is None else jax.random.fold_in(key, i)
+
+
+def _is_array(v: Any) -> bool:
+  return hasattr(v, "shape") and hasattr(v, "dtype") and not hasattr(v, "materialize")
+
+
+def _split_value(value: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+  """An array is one item; a structured value (factors) is one item per array."""
+  if _is_array(value):
+    return [value], lambda items: items[0]
+  leaves, treedef = jax.tree_util.tree_flatten(value)
+  return leaves, treedef.unflatten
+
+
+def _join(parts: list[Any], is_array: bool) -> Any:
+  return parts[0] if is_array else list(parts)
+
+
+def _parts(x: Any, n: int, is_array: bool) -> list[Any]:
+  return [x] if is_array else list(x) if x is not None else [None] * n
+
+
+# --------------------------------------------------------------------------
+# The spec.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A compression spec: an ordered list of rules. The first matching rule wins.
+
+  Args:
+    rules: the rules. Leaves no rule matches pass through unchanged. A rule that
+      matches no leaf is an error.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> params = {"dense": {"kernel": jnp.arange(8.0).reshape(4, 2), "bias": jnp.ones(2)}}
+    >>> spec = jc.Spec([jc.Rule(r".*kernel", [jc.prune.magnitude(sparsity=0.5)])])
+    >>> trainable, state = spec.init(params)
+    >>> model_params = spec.apply(trainable, state)
+    >>> int((model_params["dense"]["kernel"] == 0).sum())
+    4
+  """
+
+  rules: tuple[Rule, ...]
+
+  def __init__(self, rules: Sequence[Rule] | Rule):
+    if isinstance(rules, Rule):
+      rules = (rules,)
+    rules = tuple(rules)
+    for r in rules:
+      if not isinstance(r, Rule):
+        raise TypeError(f"Spec takes jc.Rule objects, got {r!r}.")
+    object.__setattr__(self, "rules", rules)
+
+  # ----- leaf assignment ---------------------------------------------------
+  def _assign(self, params: PyTree) -> tuple[list[str], list[Any], list[int | None], Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [path_str(p) for p, _ in flat]
+    leaves = [v for _, v in flat]
+    owner: list[int | None] = []
+    used = [False] * len(self.rules)
+    for path, leaf in zip(paths, leaves):
+      idx = next((i for i, r in enumerate(self.rules) if r.matches(path)), None)
+      if idx is not None:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+          raise TypeError(
+              f"Rule {self.rules[idx].pattern!r} selects leaf {path!r} of dtype {dtype}, but "
+              "compression stages take floating-point weights. Narrow the pattern so it "
+              "matches float leaves only."
+          )
+        used[idx] = True
+      owner.append(idx)
+    for i, r in enumerate(self.rules):
+      if not used[i]:
+        shown = ", ".join(repr(p) for p in paths[:20]) + (" ..." if len(paths) > 20 else "")
+        first = next((j for j in range(i) if any(o == j and self.rules[i].matches(p) for p, o in zip(paths, owner))), None)
+        why = (
+            f" (the leaves it matches are already owned by the earlier rule {self.rules[first].pattern!r})"
+            if first is not None
+            else ""
+        )
+        raise ValueError(
+            f"Rule {r.pattern!r} matches no leaf{why}. Patterns are regular expressions "
+            f"matched with re.fullmatch against leaf paths; the paths are: {shown}."
+        )
+    return paths, leaves, owner, treedef
+
+  def _flatten(self, tree: PyTree) -> tuple[list[Any], Any]:
+    return jax.tree_util.tree_flatten(tree, is_leaf=_is_node)
+
+  def _groups(self, owner: list[int | None]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for j, o in enumerate(owner):
+      if o is not None:
+        groups.setdefault(o, []).append(j)
+    return groups
+
+  # ----- init --------------------------------------------------------------
+  def init(self, params: PyTree, *, key: jax.Array | None = None) -> tuple[PyTree, PyTree]:
+    """Builds ``(trainable, state)`` from a parameter pytree.
+
+    Args:
+      params: any pytree of arrays (Flax linen params, an NNX ``State``, a dict).
+      key: PRNG key for stages that draw random numbers (random pruning, k-means++).
+
+    Returns:
+      ``trainable`` (what the optimizer sees) and ``state`` (masks, ranges, ...),
+      both with the structure of ``params`` down to its leaves.
+    """
+    paths, leaves, owner, treedef = self._assign(params)
+    t_out: list[Any] = list(leaves)
+    s_out: list[Any] = [LeafState({}) for _ in leaves]
+    for ri, idxs in self._groups(owner).items():
+      rule = self.rules[ri]
+      values = [leaves[j] for j in idxs]
+      lkeys = [_leaf_key(key, paths[j]) for j in idxs]
+      p_by_leaf: list[dict[str, Any]] = [{} for _ in idxs]
+      s_by_leaf: list[dict[str, Any]] = [{} for _ in idxs]
+      weights: list[Any] = list(values)
+      for si, (stage, skey) in enumerate(zip(rule.stages, rule.keys)):
+        items, item_paths, item_keys, spans, arr = [], [], [], [], []
+        for n, v in enumerate(values):
+          parts, _ = _split_value(v)
+          arr.append(_is_array(v))
+          spans.append((len(items), len(parts)))
+          items += parts
+          item_paths += [paths[idxs[n]]] * len(parts)
+          item_keys += [_stage_key(_stage_key(lkeys[n], si), q) for q in range(len(parts))]
+        out = stage.init_group(items, paths=item_paths, keys=item_keys)
+        last = si == len(rule.stages) - 1
+        for n, (a, m) in enumerate(spans):
+          ps = [o[0] for o in out[a : a + m]]
+          ss = [o[1] for o in out[a : a + m]]
+          p_by_leaf[n][skey] = _join(ps, arr[n])
+          s_by_leaf[n][skey] = _join(ss, arr[n])
+          if stage.replaces_weight:
+            weights[n] = None
+          if not last:
+            values[n] = self._apply_stage(stage, values[n], p_by_leaf[n][skey], s_by_leaf[n][skey])
+      for n, j in enumerate(idxs):
+        params_n = {k: v for k, v in p_by_leaf[n].items() if v is not None}
+        if weights[n] is not None and not params_n:
+          t_out[j] = weights[n]
+        else:
+          t_out[j] = Compressed(weights[n], params_n)
+        s_out[j] = LeafState(s_by_leaf[n], ri)
+    return treedef.unflatten(t_out), treedef.unflatten(s_out)
+
+  @staticmethod
+  def _apply_stage(stage: Stage, value: Any, params: Any, state: Any) -> Any:
+    if stage.replaces_weight:
+      return stage.apply(None, params, state)
+    parts, rebuild = _split_value(value)
+    is_arr = _is_array(value)
+    ps = _parts(params, len(parts), is_arr)
+    ss = _parts(state, len(parts), is_arr)
+    return rebuild([stage.apply(v, p, s) for v, p, s in zip(parts, ps, ss)])
+
+  # ----- apply -------------------------------------------------------------
+  def apply(self, trainable: PyTree, state: PyTree) -> PyTree:
+    """The model params: the structure, shapes and dtypes of the original params.
+
+    Differentiable with respect to ``trainable``.
+    """
+    t_leaves, treedef = self._flatten(trainable)
+    s_leaves = treedef.flatten_up_to(state)
+    out = []
+    for t, s in zip(t_leaves, s_leaves):
+      if not isinstance(s, LeafState):
+        raise TypeError(
+            "spec.apply got a state that does not come from spec.init (a leaf state is "
+            f"{type(s).__name__}). Pass the state returned by spec.init/spec.update."
+        )
+      if not s.stages:
+        out.append(t)
+        continue
+      rule = self._rule_for_state(s)
+      params = t.params if isinstance(t, Compressed) else {}
+      value = t.weight if isinstance(t, Compressed) else t
+      for stage, k in zip(rule.stages, rule.keys):
+        value = self._apply_stage(stage, value, params.get(k), s.stages[k])
+      out.append(materialize(value))
+    return treedef.unflatten(out)
+
+  def _rule_for_state(self, s: LeafState) -> Rule:
+    if not 0 <= s.rule < len(self.rules) or self.rules[s.rule].keys != tuple(s.stages):
+      raise ValueError(
+          f"A leaf state has stages {tuple(s.stages)} from rule #{s.rule}, which this spec "
+          "does not have: the state comes from a different spec."
+      )
+    return self.rules[s.rule]
+
+  # ----- update ------------------------------------------------------------
+  def update(
+      self,
+      trainable: PyTree,
+      state: PyTree,
+      step: jax.Array | int,
+      *,
+      grads: PyTree | None = None,
+      stats: Mapping[str, Any] | None = None,
+      key: jax.Array | None = None,
+  ) -> tuple[PyTree, PyTree]:
+    """Advances the compression state by one training step.
+
+    Args:
+      trainable, state: from ``init`` or a previous ``update``.
+      step: the training step (an int or int32 scalar), read by schedules.
+      grads: gradient of the loss with respect to the model params (the output of
+        ``apply``; same structure as params), for saliency, movement and RigL.
+      stats: ``{path: statistic}``, looked up by leaf path, then module path
+        (activation norms for Wanda, ranges for calibration).
+      key: PRNG key for random stages (SET regrowth, random pruning).
+
+    Returns:
+      The new ``(trainable, state)``, with the same structure as the inputs.
+    """
+    t_leaves, treedef = self._flatten(trainable)
+    s_leaves = treedef.flatten_up_to(state)
+    g_leaves = treedef.flatten_up_to(grads) if grads is not None else [None] * len(t_leaves)
+    flat_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable, is_leaf=_is_node)[0]]
+    step = jnp.asarray(step, jnp.int32)
+    stats = dict(stats or {})
+    # Group leaves by rule (the same grouping as init).
+    groups: dict[int, list[int]] = {}
+    for j, s in enumerate(s_leaves):
+      if s.stages:
+        self._rule_for_state(s)
+        groups.setdefault(s.rule, []).append(j)
+    t_out, s_out = list(t_leaves), list(s_leaves)
+    for ri, idxs in groups.items():
+      rule = self.rules[ri]
+      comp = [isinstance(t_leaves[j], Compressed) for j in idxs]
+      params = [dict(t_leaves[j].params) if c else {} for j, c in zip(idxs, comp)]
+      weights = [t_leaves[j].weight if c else t_leaves[j] for j, c in zip(idxs, comp)]
+      states = [dict(s_leaves[j].stages) for j in idxs]
+      values = list(weights)
+      for si, (stage, k) in enumerate(zip(rule.stages, rule.keys)):
+        items, iparams, istates, ctxs, spans, arr = [], [], [], [], [], []
+        for n, j in enumerate(idxs):
+          v = values[n]
+          is_arr = stage.replaces_weight or _is_array(v)
+          parts = [v] if stage.replaces_weight else _split_value(v)[0]
+          arr.append(is_arr)
+          spans.append((len(items), len(parts)))
+          g = g_leaves[j]
+          path = flat_paths[j]
+          stat = stats.get(path, stats.get(parent(path)))
+          lkey = _stage_key(_leaf_key(key, path), si)
+          if lkey is not None:
+            lkey = jax.random.fold_in(lkey, step)
+          for q, part in enumerate(parts):
+            gq = g if (g is not None and part is not None and getattr(part, "shape", None) == g.shape) else None
+            ctxs.append(UpdateContext(path, step, gq, stat, _stage_key(lkey, q)))
+          items += parts
+          iparams += _parts(params[n].get(k), len(parts), is_arr)
+          istates += _parts(states[n][k], len(parts), is_arr)
+        out = stage.update_group(items, iparams, istates, ctxs)
+        last = si == len(rule.stages) - 1
+        for n, (a, m) in enumerate(spans):
+          new_v = [o[0] for o in out[a : a + m]]
+          new_p = _join([o[1] for o in out[a : a + m]], arr[n])
+          new_s = _join([o[2] for o in out[a : a + m]], arr[n])
+          if k in params[n]:
+            params[n][k] = new_p
+          states[n][k] = new_s
+          if si == 0 and not stage.replaces_weight:
+            weights[n] = new_v[0] if arr[n] else _split_value(values[n])[1](new_v)
+            values[n] = weights[n]
+          if not last:
+            values[n] = self._apply_stage(stage, values[n], params[n].get(k), states[n][k])
+      for n, j in enumerate(idxs):
+        t_out[j] = Compressed(weights[n], params[n]) if comp[n] else weights[n]
+        s_out[j] = LeafState(states[n], ri)
+    return treedef.unflatten(t_out), treedef.unflatten(s_out)
+
+  # ----- helpers -----------------------------------------------------------
+  def update_masks(self, trainable: PyTree, state: PyTree) -> PyTree:
+    """Boolean keep-masks for the trainable weights, ``None`` where nothing is masked.
+
+    Has the structure of ``trainable``. Used by ``jc.masked_optimizer`` to keep
+    pruned weights and their optimizer moments at exactly zero.
+    """
+    t_leaves, treedef = self._flatten(trainable)
+    s_leaves = treedef.flatten_up_to(state)
+    out = []
+    for t, s in zip(t_leaves, s_leaves):
+      mask = None
+      if s.stages:
+        rule = self._rule_for_state(s)
+        first = rule.stages[0]
+        if not first.replaces_weight and _is_array(t.weight if isinstance(t, Compressed) else t):
+          mask = first.update_mask(s.stages[rule.keys[0]])
+      if isinstance(t, Compressed):
+        out.append(Compressed(mask, jax.tree_util.tree_map(lambda _: None, t.params)))
+      else:
+        out.append(mask)
+    return treedef.unflatten(out)
+
+  def describe(self, params: PyTree) -> str:
+    """A table of every leaf: path, shape, dtype, owning rule and stages.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxcompress as jc
+      >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
+      >>> print(spec.describe({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}))  # doctest: +ELLIPSIS
+      path  shape   dtype    rule  stages
+      b     (4,)    float32  -     -
+      w     (4, 4)  float32  'w'   MagnitudePrune(...)
+    """
+    paths, leaves, owner, _ = self._assign(params)
+    rows = [("path", "shape", "dtype", "rule", "stages")]
+    for p, v, o in zip(paths, leaves, owner):
+      rule = self.rules[o] if o is not None else None
+      rows.append(
+          (
+              p,
+              str(tuple(getattr(v, "shape", ()))),
+              str(getattr(v, "dtype", type(v).__name__)),
+              repr(rule.pattern) if rule else "-",
+              " -> ".join(s.describe() for s in rule.stages) if rule else "-",
+          )
+      )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows
+    )
+
+  def shardings(self, params: PyTree, param_shardings: PyTree) -> tuple[PyTree, PyTree]:
+    """Shardings of ``trainable`` and ``state`` derived from the params' shardings.
+
+    A mask shares its param's ``PartitionSpec``; a per-channel scale keeps the
+    channel axis and drops reduced axes; low-rank factors keep the axis they share
+    with the kernel. Use them as ``jax.jit(spec.init, out_shardings=...)`` so that
+    init allocates no replicated dense copy.
+
+    Args:
+      params: the params, or their abstract shapes (``jax.eval_shape`` output).
+      param_shardings: a ``NamedSharding`` per param leaf (same structure).
+
+    Returns:
+      ``(trainable_shardings, state_shardings)``.
+    """
+    t_abs, s_abs = jax.eval_shape(self.init, params)
+    p_leaves, treedef = jax.tree_util.tree_flatten(params)
+    sh_leaves = treedef.flatten_up_to(param_shardings)
+    t_leaves = treedef.flatten_up_to(t_abs)
+    s_leaves = treedef.flatten_up_to(s_abs)
+
+    def derive(p, sh, sub):
+      return jax.tree_util.tree_map(lambda a: _sharding.derive(sh, p.shape, a.shape), sub)
+
+    t_sh = [derive(p, sh, t) for p, sh, t in zip(p_leaves, sh_leaves, t_leaves)]
+    s_sh = [derive(p, sh, s) for p, sh, s in zip(p_leaves, sh_leaves, s_leaves)]
+    return treedef.unflatten(t_sh), treedef.unflatten(s_sh)
