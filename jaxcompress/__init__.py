@@ -4,6 +4,13 @@ from jaxcompress import prune
 from jaxcompress.core import schedules
 from jaxcompress.core.spec import Compressed, LeafState, Rule, Spec
 from jaxcompress.core.stage import Stage, UpdateContext
+from jaxcompress.train import (
+    TrainState,
+    init_train_state,
+    make_train_step,
+    masked_optimizer,
+    train_state_shardings,
+)
 
 __all__ = [
     "Compressed",
@@ -11,7 +18,12 @@ __all__ = [
     "Rule",
     "Spec",
     "Stage",
+    "TrainState",
     "UpdateContext",
+    "init_train_state",
+    "make_train_step",
+    "masked_optimizer",
     "prune",
     "schedules",
+    "train_state_shardings",
 ]

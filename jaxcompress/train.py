@@ -1,0 +1,244 @@
+"""Compression-aware training steps: what a user would write by hand, once.
+
+    ts   = jc.init_train_state(spec, optimizer, params)
+    step = jc.make_train_step(loss_fn, spec, optimizer)
+    ts, metrics = step(ts, batch)
+
+``loss_fn(model_params, batch)`` is the user's loss over ordinary model params.
+The step runs ``spec.apply`` inside the differentiated function, updates the
+trainable tree with the optimizer, then calls ``spec.update`` with the gradient
+with respect to the model params (what saliency, movement and RigL read).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxcompress.core.spec import Spec
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+  """Everything a compression-aware step carries.
+
+  Attributes:
+    step: int32 step counter.
+    trainable: what the optimizer updates (``spec.init``'s first output).
+    spec_state: the compression state (masks, ranges, assignments).
+    opt_state: the optimizer state.
+    key: PRNG key for random stages, or ``None``.
+  """
+
+  step: jax.Array
+  trainable: PyTree
+  spec_state: PyTree
+  opt_state: PyTree
+  key: jax.Array | None
+
+
+def masked_optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Wraps an optimizer so that pruned weights and their moments stay exactly zero.
+
+  Its ``update`` takes ``masks=spec.update_masks(trainable, spec_state)`` (the
+  train step passes it): the gradients are masked before ``inner``, every
+  optimizer-state leaf that mirrors a masked param (Adam's moments, momentum,
+  ...) is zeroed where the mask is False, and the updates are masked after.
+  Without ``masks`` it behaves exactly like ``inner``.
+
+  Args:
+    inner: any optax optimizer.
+
+  Returns:
+    An optax ``GradientTransformationExtraArgs``; chain it like any other.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jaxcompress as jc
+    >>> tx = jc.masked_optimizer(optax.adam(0.1))
+    >>> w = {"w": jnp.ones(3)}
+    >>> st = tx.init(w)
+    >>> u, st = tx.update({"w": jnp.ones(3)}, st, w, masks={"w": jnp.array([True, False, True])})
+    >>> u["w"].tolist()
+    [-0.1, 0.0, -0.1]
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def mask_tree(tree, masks):
+    return jax.tree_util.tree_map(
+        lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros_like(x)), tree, masks
+    )
+
+  def init(params):
+    return inner.init(params)
+
+  def update(updates, state, params=None, *, masks=None, **extra):
+    if masks is None:
+      return inner.update(updates, state, params, **extra)
+    updates = mask_tree(updates, masks)
+    updates, state = inner.update(updates, state, params, **extra)
+    state = optax.tree_utils.tree_map_params(
+        inner,
+        lambda x, m: x if m is None or getattr(x, "shape", None) != m.shape
+        else jnp.where(m, x, jnp.zeros_like(x)),
+        state,
+        masks,
+        transform_non_params=lambda x: x,
+        is_leaf=lambda x: x is None,
+    )
+    return mask_tree(updates, masks), state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def init_train_state(
+    spec: Spec,
+    optimizer: optax.GradientTransformation,
+    params: PyTree,
+    *,
+    key: jax.Array | None = None,
+) -> TrainState:
+  """Builds the ``TrainState`` for ``make_train_step``.
+
+  Args:
+    spec: the compression spec.
+    optimizer: any optax optimizer (wrap in ``masked_optimizer`` for pruning).
+    params: the model params.
+    key: PRNG key for stages that draw random numbers.
+
+  Returns:
+    A ``TrainState`` at step 0.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jaxcompress as jc
+    >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
+    >>> ts = jc.init_train_state(spec, optax.sgd(0.1), {"w": jnp.arange(4.0)})
+    >>> int(ts.step)
+    0
+  """
+  trainable, spec_state = spec.init(params, key=key)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      trainable=trainable,
+      spec_state=spec_state,
+      opt_state=optimizer.init(trainable),
+      key=key,
+  )
+
+
+def train_state_shardings(
+    spec: Spec,
+    optimizer: optax.GradientTransformation,
+    params: PyTree,
+    param_shardings: PyTree,
+    *,
+    key: jax.Array | None = None,
+) -> TrainState:
+  """The sharding of every ``TrainState`` leaf, derived from the params' shardings.
+
+  Optimizer-state leaves that mirror a trainable leaf take its sharding; the
+  rest (counters) are replicated.
+
+  Args:
+    spec, optimizer, key: as for ``init_train_state``.
+    params: the params or their abstract shapes.
+    param_shardings: a ``NamedSharding`` per param leaf.
+
+  Returns:
+    A ``TrainState`` of shardings, for ``jax.jit(..., out_shardings=...)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jaxcompress as jc
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("model",))
+    >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
+    >>> sh = train_state_shardings(spec, optax.adam(1e-3), {"w": jnp.ones((4, 4))},
+    ...                            {"w": NamedSharding(mesh, P(None, "model"))})
+    >>> sh.spec_state["w"].stages["prune"].mask.spec
+    PartitionSpec(None, 'model')
+  """
+  t_sh, s_sh = spec.shardings(params, param_shardings)
+  mesh = jax.tree_util.tree_leaves(param_shardings)[0].mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
+  t_abs, _ = jax.eval_shape(spec.init, params, key=key)
+  o_abs = jax.eval_shape(optimizer.init, t_abs)
+  o_sh = optax.tree_utils.tree_map_params(
+      optimizer,
+      lambda _, sh: sh,
+      o_abs,
+      t_sh,
+      transform_non_params=lambda _: replicated,
+  )
+  return TrainState(
+      step=replicated,
+      trainable=t_sh,
+      spec_state=s_sh,
+      opt_state=o_sh,
+      key=None if key is None else replicated,
+  )
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any],
+    spec: Spec,
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    state_shardings: TrainState | None = None,
+    batch_sharding: Any = None,
+    donate: bool = True,
+    stats_fn: Callable[[Any], dict] | None = None,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """Builds one jitted, compression-aware training step.
+
+  Args:
+    loss_fn: ``loss_fn(model_params, batch) -> loss`` (or ``(loss, aux)`` with
+      ``has_aux=True``) over ordinary model params.
+    spec: the compression spec.
+    optimizer: the optax optimizer used in ``init_train_state``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    state_shardings: from ``train_state_shardings``, to pin the state's layout.
+    batch_sharding: sharding of the batch (e.g. the data axis of a mesh).
+    donate: donate the input state's buffers.
+    stats_fn: maps ``aux`` to ``spec.update``'s ``stats`` (e.g. activation norms).
+
+  Returns:
+    ``step(state, batch) -> (state, {"loss": ..., "aux": ...})``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jaxcompress as jc
+    >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
+    >>> opt = jc.masked_optimizer(optax.sgd(0.1))
+    >>> loss = lambda p, b: jnp.sum((b @ p["w"]) ** 2)
+    >>> ts = jc.init_train_state(spec, opt, {"w": jnp.arange(1.0, 5.0)})
+    >>> step = jc.make_train_step(loss, spec, opt)
+    >>> ts, m = step(ts, jnp.ones((2, 4)))
+    >>> (spec.apply(ts.trainable, ts.spec_state)["w"] == 0).sum().item()
+    2
+  """
+  opt = optax.with_extra_args_support(optimizer)
+
+  def step_fn(ts: TrainState, batch):
+    model_params, pullback = jax.vjp(lambda t: spec.apply(t, ts.spec_state), ts.trainable)
+    out, g_model = jax.value_and_grad(loss_fn, has_aux=has_aux)(model_params, batch)
+    loss, aux = out if has_aux else (out, None)
+    (g_trainable,) = pullback(g_model)
+    masks = spec.update_masks(ts.trainable, ts.spec_state)
+    updates, opt_state = opt.update(g_trainable, ts.opt_state, ts.trainable, masks=masks)
+    trainable = optax.apply_updates(ts.trainable, updates)
+    stats = stats_fn(aux) if stats_fn is not None else None
+    trainable, spec_state = spec.update(
+        trainable, ts.spec_state, ts.step, grads=g_model, stats=stats, key=ts.key
+    )
+    new = TrainState(optax.safe_increment(ts.step), trainable, spec_state, opt_state, ts.key)
+    return new, {"loss": loss, "aux": aux}
+
+  jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+  if state_shardings is not None:
+    jit_kwargs["in_shardings"] = (state_shardings, batch_sharding)
+    jit_kwargs["out_shardings"] = (state_shardings, None)
+  return jax.jit(step_fn, **jit_kwargs)
