@@ -63,7 +63,7 @@ def masked_optimizer(inner: optax.GradientTransformation) -> optax.GradientTrans
     >>> w = {"w": jnp.ones(3)}
     >>> st = tx.init(w)
     >>> u, st = tx.update({"w": jnp.ones(3)}, st, w, masks={"w": jnp.array([True, False, True])})
-    >>> u["w"].tolist()
+    >>> [round(x, 4) for x in u["w"].tolist()]
     [-0.1, 0.0, -0.1]
   """
   inner = optax.with_extra_args_support(inner)
@@ -158,8 +158,8 @@ def train_state_shardings(
     >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
     >>> sh = train_state_shardings(spec, optax.adam(1e-3), {"w": jnp.ones((4, 4))},
     ...                            {"w": NamedSharding(mesh, P(None, "model"))})
-    >>> sh.spec_state["w"].stages["prune"].mask.spec
-    PartitionSpec(None, 'model')
+    >>> tuple(sh.spec_state["w"].stages["prune"].mask.spec)
+    (None, 'model')
   """
   t_sh, s_sh = spec.shardings(params, param_shardings)
   mesh = jax.tree_util.tree_leaves(param_shardings)[0].mesh

@@ -104,7 +104,7 @@ def piecewise(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
 
   Example:
     >>> s = piecewise([10, 20], [0.0, 0.5, 0.9])
-    >>> [float(s(i)) for i in (0, 10, 25)]
+    >>> [round(float(s(i)), 6) for i in (0, 10, 25)]
     [0.0, 0.5, 0.9]
   """
   boundaries = list(boundaries)

@@ -20,11 +20,14 @@ def _sortable_bits(x: jax.Array) -> jax.Array:
 
   NaN is mapped below every number (NaN scores are dropped first).
   """
-  x = jnp.where(jnp.isnan(x), -jnp.inf, x.astype(jnp.float32))
-  x = x + 0.0  # -0.0 -> +0.0 so that both zeros tie
+  x = x.astype(jnp.float32)
+  nan = jnp.isnan(x)
+  x = jnp.where(nan, 0.0, x) + 0.0  # -0.0 -> +0.0 so that both zeros tie
   b = jax.lax.bitcast_convert_type(x, jnp.uint32)
   neg = (b >> 31) == 1
-  return jnp.where(neg, ~b, b | jnp.uint32(0x80000000))
+  b = jnp.where(neg, ~b, b | jnp.uint32(0x80000000))
+  # -inf maps to 0x007FFFFF, so 0 is free for NaN, below every number.
+  return jnp.where(nan, jnp.uint32(0), b)
 
 
 def topk_masks(scores: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]:

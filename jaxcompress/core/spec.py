@@ -433,10 +433,10 @@ class Spec:
     Example:
       >>> import jax.numpy as jnp, jaxcompress as jc
       >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
-      >>> print(spec.describe({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}))  # doctest: +ELLIPSIS
+      >>> print(spec.describe({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}))
       path  shape   dtype    rule  stages
       b     (4,)    float32  -     -
-      w     (4, 4)  float32  'w'   MagnitudePrune(...)
+      w     (4, 4)  float32  'w'   Prune(sparsity=0.5)
     """
     paths, leaves, owner, _ = self._assign(params)
     rows = [("path", "shape", "dtype", "rule", "stages")]

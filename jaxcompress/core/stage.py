@@ -112,10 +112,17 @@ class Stage:
 
   def describe(self) -> str:
     """One line for ``spec.describe``."""
-    fields = ", ".join(
-        f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
-    )
-    return f"{type(self).__name__}({fields})"
+    parts = []
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if not f.repr:
+        continue
+      if f.default is not dataclasses.MISSING and v == f.default:
+        continue
+      if f.default_factory is not dataclasses.MISSING and v == f.default_factory():
+        continue
+      parts.append(f"{f.name}={'<schedule>' if callable(v) and not dataclasses.is_dataclass(v) else repr(v)}")
+    return f"{type(self).__name__}({', '.join(parts)})"
 
 
 def materialize(value: Any) -> Array:
