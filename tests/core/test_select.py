@@ -59,5 +59,6 @@ def test_k_is_clipped_and_may_be_traced():
 
 def test_uses_no_sort():
   jaxpr = jax.make_jaxpr(lambda x: topk_masks([x], 10))(jnp.ones((100, 10)))
-  assert "sort" not in str(jaxpr)
-  assert "top_k" not in str(jaxpr)
+  names = {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+  assert "scatter-add" in names or "scatter_add" in names
+  assert not {"sort", "top_k", "approx_top_k"} & names
