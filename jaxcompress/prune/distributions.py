@@ -1,8 +1,18 @@
-"""How a sparsity target is spread over the leaves a rule selects."""
+"""How a sparsity target is spread over the leaves a rule selects.
+
+A distribution gets one score array per leaf (per weight, or per block or
+channel after the structure's ``reduce``), the target sparsity (a traced
+float32 scalar) and the leaves' weight shapes, and returns one bool keep-mask
+per score array. Counts are exact: a leaf keeps ``round((1 - s) * units)``
+units, chosen with ``jaxcompress.core.select.topk_masks`` (no sort; NaN scores
+are dropped first, ties go to the lower index).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,21 +20,138 @@ import jax.numpy as jnp
 from jaxcompress.core.select import topk_masks
 
 
-def _n_keep(size: int, sparsity: jax.Array) -> jax.Array:
-  return jnp.round((1.0 - sparsity) * size).astype(jnp.int32)
+def _n_keep(size: int, density: jax.Array) -> jax.Array:
+  return jnp.round(density * size).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
-class Uniform:
-  """Every leaf pruned to the same sparsity."""
+class Distribution:
+  """Base class of sparsity distributions.
 
-  def masks(self, scores, sparsity):
-    return [topk_masks([s], _n_keep(s.size, sparsity))[0] for s in scores]
+  Example:
+    >>> import jaxcompress as jc
+    >>> isinstance(jc.prune.Uniform(), jc.prune.Distribution)
+    True
+  """
+
+  def masks(
+      self, scores: Sequence[jax.Array], sparsity: jax.Array, *, shapes: Sequence[tuple[int, ...]]
+  ) -> list[jax.Array]:
+    """One bool keep-mask per score array.
+
+    Args:
+      scores: float32 unit scores, one array per leaf.
+      sparsity: the target fraction of units removed (a float32 scalar).
+      shapes: the weight shape of each leaf (what ERK reads).
+
+    Returns:
+      Bool masks of the shapes of ``scores``.
+    """
+    raise NotImplementedError(f"{type(self).__name__} does not define masks().")
 
 
 @dataclasses.dataclass(frozen=True)
-class Global:
-  """One threshold across all leaves: the total sparsity meets the target."""
+class Uniform(Distribution):
+  """Every leaf pruned to the same sparsity.
 
-  def masks(self, scores, sparsity):
-    return topk_masks(scores, _n_keep(sum(s.size for s in scores), sparsity))
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> [m.tolist() for m in jc.prune.Uniform().masks(
+    ...     [jnp.array([1.0, 3.0]), jnp.array([5.0, 6.0])], jnp.float32(0.5), shapes=[(2,), (2,)])]
+    [[False, True], [False, True]]
+  """
+
+  def masks(self, scores, sparsity, *, shapes=()):
+    del shapes
+    return [topk_masks([s], _n_keep(s.size, 1.0 - sparsity))[0] for s in scores]
+
+
+@dataclasses.dataclass(frozen=True)
+class Global(Distribution):
+  """One threshold across all leaves: the total sparsity meets the target.
+
+  With a block or channel structure the units of every leaf compete, and the
+  target counts units, not weights.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> [m.tolist() for m in jc.prune.Global().masks(
+    ...     [jnp.array([1.0, 3.0]), jnp.array([5.0, 6.0])], jnp.float32(0.5), shapes=[(2,), (2,)])]
+    [[False, False], [True, True]]
+  """
+
+  def masks(self, scores, sparsity, *, shapes=()):
+    del shapes
+    return topk_masks(list(scores), _n_keep(sum(s.size for s in scores), 1.0 - sparsity))
+
+
+@dataclasses.dataclass(frozen=True)
+class ERK(Distribution):
+  """Erdos-Renyi-Kernel densities (Evci et al. 2020, RigL).
+
+  A leaf of shape ``(d_1, ..., d_k)`` gets density ``eps * p`` with
+  ``p = (sum d_i / prod d_i) ** power``, where ``eps`` is chosen so that the
+  total number of kept weights is ``(1 - sparsity) * total``. Leaves whose
+  density would exceed 1 are kept dense (the largest ``p`` first, as in the
+  paper's implementation) and ``eps`` is solved again over the rest. Small
+  layers are thus pruned less than large ones. The densities are computed from
+  the static shapes and the traced sparsity, so a sparsity schedule works.
+
+  Args:
+    power: exponent on ``p`` (RigL's ``erk_power_scale``; 1.0 is ERK, 0.0 is
+      uniform).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> d = jc.prune.ERK().densities([(4, 4), (64, 64)], jnp.float32(0.9))
+    >>> [round(x, 4) for x in d.tolist()]
+    [1.0, 0.0965]
+  """
+
+  power: float = 1.0
+
+  def __post_init__(self):
+    if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or self.power < 0:
+      raise ValueError(f"ERK: power must be a non-negative number, got {self.power!r}.")
+
+  def densities(self, shapes: Sequence[tuple[int, ...]], sparsity: jax.Array) -> jax.Array:
+    """The density (kept fraction) of each leaf, float32 of shape ``(len(shapes),)``.
+
+    Args:
+      shapes: the weight shape of each leaf.
+      sparsity: the target total sparsity.
+
+    Returns:
+      Densities in ``[0, 1]`` whose size-weighted mean is ``1 - sparsity``.
+    """
+    sizes = [math.prod(s) for s in shapes]
+    raw = [(sum(s) / max(math.prod(s), 1)) ** self.power for s in shapes]
+    levels = sorted(set(raw), reverse=True)
+    sparsity = jnp.asarray(sparsity, jnp.float32)
+    # Candidate j: the leaves at the j highest levels of p are dense. The
+    # iterative algorithm stops at the first candidate whose largest density is
+    # at most 1; with every leaf dense (j = len(levels)) the densities are all 1.
+    valid, eps = [], []
+    for j in range(len(levels) + 1):
+      dense = [r >= levels[j - 1] if j else False for r in raw]
+      ones = sum(n for n, d in zip(sizes, dense) if not d)
+      zeros_dense = sum(n for n, d in zip(sizes, dense) if d)
+      divisor = sum(r * n for r, n, d in zip(raw, sizes, dense) if not d)
+      if j == len(levels) or divisor == 0:
+        eps.append(jnp.float32(0.0))
+        valid.append(jnp.bool_(True))
+        continue
+      e = ((1.0 - sparsity) * ones - sparsity * zeros_dense) / divisor
+      eps.append(e)
+      valid.append(levels[j] * e <= 1.0)
+    pick = jnp.argmax(jnp.stack(valid))  # the first valid candidate
+    e = jnp.stack(eps)[pick]
+    out = []
+    for r in raw:
+      rank = sum(1 for lv in levels if lv > r)  # dense when pick > rank
+      out.append(jnp.where(pick > rank, 1.0, jnp.clip(e * r, 0.0, 1.0)))
+    return jnp.stack(out).astype(jnp.float32)
+
+  def masks(self, scores, sparsity, *, shapes):
+    d = self.densities(shapes, sparsity)
+    return [topk_masks([s], _n_keep(s.size, d[i]))[0] for i, s in enumerate(scores)]

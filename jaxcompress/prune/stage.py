@@ -1,18 +1,31 @@
-"""The pruning stage: a mask over the weight, recomputed on a schedule."""
+"""The pruning stage: a bool mask over the weight, recomputed on a schedule.
+
+``Prune`` composes three small parts:
+
+- a criterion (``jaxcompress.prune.criteria``): a score per weight;
+- a structure (``jaxcompress.prune.structures``): which weights go together
+  (unstructured, N:M, blocks, output channels);
+- a distribution (``jaxcompress.prune.distributions``): how the sparsity is
+  spread over the leaves the rule selects (uniform, global, ERK).
+
+A mask update computes ``scores -> units -> keep-masks -> weight masks``; the
+count of kept units is exact and found without a sort.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple, Sequence
+import functools
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.schedules import ScalarOrSchedule, as_schedule
-from jaxcompress.core.select import topk_masks
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.prune import criteria as _criteria
 from jaxcompress.prune import distributions as _dist
+from jaxcompress.prune import structures as _struct
 
 
 class PruneState(NamedTuple):
@@ -20,87 +33,164 @@ class PruneState(NamedTuple):
 
   Attributes:
     mask: bool, True where the weight is kept (same shape as the weight).
-    score: running score for criteria that accumulate (movement); else None.
+    score: the criterion's running state (Movement's accumulated score,
+      Random's draw; float32, the weight's shape), or None.
   """
 
   mask: jax.Array
   score: jax.Array | None
 
 
+def _check_part(name: str, value: Any, base: type, examples: str) -> None:
+  if not isinstance(value, base):
+    raise TypeError(
+        f"Prune: {name} must be a {base.__name__} instance such as {examples}, got {value!r}."
+    )
+
+
+def _check_steps(begin_step: Any, end_step: Any, update_every: Any) -> None:
+  if isinstance(begin_step, bool) or not isinstance(begin_step, int) or begin_step < 0:
+    raise ValueError(f"begin_step must be a non-negative int, got {begin_step!r}.")
+  if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)):
+    raise ValueError(f"end_step must be an int or None, got {end_step!r}.")
+  if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+    raise ValueError(f"update_every must be a positive int, got {update_every!r}.")
+  if end_step is not None and end_step < begin_step:
+    raise ValueError(f"end_step ({end_step}) is before begin_step ({begin_step}).")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Prune(Stage):
-  """Masks a weight: ``apply`` gives ``where(mask, w, 0)``.
+  """Masks a weight: ``apply`` gives ``where(mask, w, 0)``; the mask is bool.
+
+  At ``spec.init`` the mask is computed at ``sparsity(begin_step)``. On a
+  ``spec.update`` at a step in ``[begin_step, end_step)`` with
+  ``(step - begin_step) % update_every == 0`` it is recomputed; at other steps
+  it is kept. Unless ``straight_through``, every update also writes the masked
+  weight back to the trainable, so pruned weights are exact zeros.
 
   Args:
-    sparsity: fraction of weights removed, a number or a schedule of the step.
-    criterion: how weights are scored (higher = kept): ``Magnitude()`` etc.
-    distribution: how sparsity is spread over the leaves the rule selects:
-      ``Uniform()`` (each leaf at ``sparsity``) or ``Global()`` (one threshold).
-    begin_step, end_step: masks are recomputed for steps in this range
-      (``end_step=None``: no end). Outside it the mask is frozen.
-    update_every: recompute the mask every this many steps.
+    sparsity: fraction of weights (or blocks/channels) removed, a number in
+      ``[0, 1)`` or a schedule of the step (``jc.schedules``). Leave it
+      ``None`` with ``NM``, whose density is fixed (or give exactly
+      ``1 - n / m``).
+    criterion: how weights are scored: ``Magnitude()`` (default), ``Random()``,
+      ``Saliency()``, ``Movement()``, ``Wanda()``.
+    structure: ``Unstructured()`` (default), ``NM(n, m)``, ``Block(shape)``,
+      ``Channel()``.
+    distribution: ``Uniform()`` (default: each leaf at ``sparsity``),
+      ``Global()`` (one threshold over the rule's leaves) or ``ERK()``.
+    begin_step, end_step: masks are recomputed for steps in
+      ``[begin_step, end_step)`` (``end_step=None``: no end). One-shot:
+      ``end_step=begin_step`` keeps the mask made by ``spec.init``;
+      ``end_step=begin_step + 1`` recomputes it once, at the first update (with
+      the gradients or statistics that update gets). With a sparsity schedule
+      ending at step ``E``, leave ``end_step=None`` or give at least ``E + 1``
+      so that the final sparsity is reached.
+    update_every: recompute every this many steps.
     straight_through: if True the dense weight keeps training (gradients pass
-      through the mask) and pruned weights are not zeroed in the trainable.
+      through the mask to every weight) and pruned weights are not zeroed.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> sched = jc.schedules.polynomial(0.0, 0.75, begin_step=0, end_step=2)
+    >>> spec = jc.Spec([jc.Rule("w", [jc.prune.Prune(sparsity=sched)])])
+    >>> t, s = spec.init({"w": jnp.arange(1.0, 9.0)})
+    >>> for step in range(3):
+    ...   t, s = spec.update(t, s, step)
+    >>> t["w"].tolist()
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0, 8.0]
   """
 
   name: ClassVar[str] = "prune"
 
-  sparsity: ScalarOrSchedule
-  criterion: Any = dataclasses.field(default_factory=lambda: _criteria.Magnitude())
-  distribution: Any = dataclasses.field(default_factory=lambda: _dist.Uniform())
+  sparsity: ScalarOrSchedule | None = None
+  criterion: _criteria.Criterion = dataclasses.field(default_factory=_criteria.Magnitude)
+  structure: _struct.Structure = dataclasses.field(default_factory=_struct.Unstructured)
+  distribution: _dist.Distribution = dataclasses.field(default_factory=_dist.Uniform)
   begin_step: int = 0
   end_step: int | None = None
   update_every: int = 1
   straight_through: bool = False
 
   def __post_init__(self):
-    if not callable(self.sparsity):
-      s = self.sparsity
-      if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+    _check_part("criterion", self.criterion, _criteria.Criterion, "jc.prune.Magnitude()")
+    _check_part("structure", self.structure, _struct.Structure, "jc.prune.NM(2, 4)")
+    _check_part("distribution", self.distribution, _dist.Distribution, "jc.prune.Global()")
+    _check_steps(self.begin_step, self.end_step, self.update_every)
+    fixed = self.structure.density
+    s = self.sparsity
+    if fixed is not None:
+      if not isinstance(self.distribution, _dist.Uniform):
         raise ValueError(
-            f"sparsity must be a number in [0, 1) or a schedule, got {s!r}. Sparsity is the "
-            "fraction of weights removed: 0.9 keeps one weight in ten."
+            f"Prune: {self.structure!r} fixes its own density ({fixed:g} of the weights of "
+            f"every group are kept), so it cannot take the distribution "
+            f"{self.distribution!r}; leave distribution as the default Uniform()."
         )
-    if not isinstance(self.update_every, int) or self.update_every < 1:
-      raise ValueError(f"update_every must be a positive int, got {self.update_every!r}.")
-    if self.end_step is not None and self.end_step < self.begin_step:
-      raise ValueError(f"end_step ({self.end_step}) is before begin_step ({self.begin_step}).")
+      if s is not None and (callable(s) or not _is_number(s) or abs(s - (1.0 - fixed)) > 1e-9):
+        raise ValueError(
+            f"Prune: sparsity={s!r} does not match {self.structure!r}, whose sparsity is "
+            f"fixed at {1.0 - fixed:g}; leave sparsity=None."
+        )
+      return
+    if s is None:
+      raise ValueError(
+          "Prune: sparsity is required (a number in [0, 1) or a schedule), e.g. "
+          "Prune(sparsity=0.9) removes nine weights in ten. Only NM(n, m) fixes its own."
+      )
+    if not callable(s) and (not _is_number(s) or not 0.0 <= s < 1.0):
+      raise ValueError(
+          f"sparsity must be a number in [0, 1) or a schedule, got {s!r}. Sparsity is the "
+          "fraction of weights removed: 0.9 keeps one weight in ten."
+      )
 
   # -- masks -----------------------------------------------------------------
-  def _masks(self, values, ctxs, states, step) -> list[jax.Array]:
-    sparsity = as_schedule(self.sparsity, name="sparsity")(step)
-    scores = [
-        self.criterion.score(v, ctx=c, state=s) for v, c, s in zip(values, ctxs, states)
-    ]
-    return self.distribution.masks(scores, sparsity)
+  def _masks(self, values, scores, paths, step) -> list[jax.Array]:
+    if self.structure.density is not None:
+      return [self.structure.select(s, p) for s, p in zip(scores, paths)]
+    sparsity = jnp.asarray(as_schedule(self.sparsity, name="sparsity")(step), jnp.float32)
+    units = [self.structure.reduce(s, p) for s, p in zip(scores, paths)]
+    keep = self.distribution.masks(units, sparsity, shapes=[tuple(v.shape) for v in values])
+    return [self.structure.expand(k, tuple(v.shape)) for k, v in zip(keep, values)]
 
   def init_group(self, values, *, paths, keys):
+    for v, p in zip(values, paths):
+      self.structure.check(tuple(v.shape), p)
+    return compiled_init_group(self, values, paths, keys)
+
+  def _init_impl(self, values, paths, keys):
     step = jnp.asarray(self.begin_step, jnp.int32)
     ctxs = [UpdateContext(p, step, None, None, k) for p, k in zip(paths, keys)]
-    states = [self.criterion.init_score(v) for v in values]
-    masks = self._masks(values, ctxs, [None] * len(values), step)
+    states = [self.criterion.init_state(v, c) for v, c in zip(values, ctxs)]
+    scores = [self.criterion.init_score(v, s, c) for v, s, c in zip(values, states, ctxs)]
+    masks = self._masks(values, scores, paths, step)
     return [(None, PruneState(m, s)) for m, s in zip(masks, states)]
 
   def apply(self, value, params, state):
+    masked = jnp.where(state.mask, value, jnp.zeros_like(value))
     if self.straight_through:
-      # Forward: masked weight; backward: identity to the dense weight.
-      masked = jnp.where(state.mask, value, jnp.zeros_like(value))
+      # Forward: the masked weight; backward: identity to the dense weight.
       return value + jax.lax.stop_gradient(masked - value)
-    return jnp.where(state.mask, value, jnp.zeros_like(value))
+    return masked
 
   def update_mask(self, state):
     return None if self.straight_through else state.mask
 
   def update_group(self, values, params, states, ctxs):
+    return compiled_update_group(self, values, states, ctxs)
+
+  def _update_impl(self, values, states, ctxs):
     step = ctxs[0].step
-    accum = [self.criterion.accumulate(v, c, s.score) for v, c, s in zip(values, ctxs, states)]
-    in_range = step >= self.begin_step
+    paths = [c.path for c in ctxs]
+    accum = [self.criterion.accumulate(v, s.score, c) for v, s, c in zip(values, states, ctxs)]
+    due = step >= self.begin_step
     if self.end_step is not None:
-      in_range &= step <= self.end_step
-    due = in_range & ((step - self.begin_step) % self.update_every == 0)
+      due &= step < self.end_step
+    due &= (step - self.begin_step) % self.update_every == 0
 
     def recompute(_):
-      return self._masks(values, ctxs, accum, step)
+      scores = [self.criterion.score(v, a, c) for v, a, c in zip(values, accum, ctxs)]
+      return self._masks(values, scores, paths, step)
 
     def keep(_):
       return [s.mask for s in states]
@@ -112,3 +202,35 @@ class Prune(Stage):
         v = jnp.where(m, v, jnp.zeros_like(v))
       out.append((v, None, PruneState(m, a)))
     return out
+
+
+# The group computations of a pruning stage run as one compiled function, so
+# that eager calls (spec.init outside jit) compile once instead of op by op;
+# under an outer jit they are inlined. The stage and the paths are static.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_jit(stage, values, paths, keys):
+  return stage._init_impl(values, paths, keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _update_jit(stage, values, states, paths, rest):
+  ctxs = [UpdateContext(p, *r) for p, r in zip(paths, rest)]
+  return stage._update_impl(values, states, ctxs)
+
+
+def compiled_init_group(stage: Stage, values, paths, keys) -> list:
+  """``stage._init_impl(values, paths, keys)``, compiled as one function."""
+  return _init_jit(stage, list(values), tuple(paths), list(keys))
+
+
+def compiled_update_group(stage: Stage, values, states, ctxs) -> list:
+  """``stage._update_impl(values, states, ctxs)``, compiled as one function."""
+  paths = tuple(c.path for c in ctxs)
+  rest = [(c.step, c.grad, c.stat, c.key) for c in ctxs]
+  return _update_jit(stage, list(values), list(states), paths, rest)
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)

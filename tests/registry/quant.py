@@ -1,1 +1,32 @@
-CASES = []
+"""Quantization stages in the shared invariant suite."""
+
+import jaxcompress as jc
+import jaxcompress.quant as jq
+from tests.registry import Case
+
+CASES = [
+    Case("quant_fq_int8_per_channel", lambda: [jq.FakeQuant(bits=8)]),
+    Case(
+        "quant_fq_int8_static_mse_ema",
+        lambda: [jq.FakeQuant(bits=8, ranges="static", calibration=jq.MSE(num=8), decay=0.5)],
+    ),
+    Case(
+        "quant_fq_int4_asym_per_group_static",
+        lambda: [
+            jq.FakeQuant(
+                bits=4, symmetric=False, granularity=jq.PerGroup(size=8), ranges="static",
+                update_every=2,
+            )
+        ],
+    ),
+    Case("quant_fq_fp8_e4m3", lambda: [jq.FakeQuant(dtype="float8_e4m3fn")]),
+    Case("quant_lsq_int4", lambda: [jq.LSQ(bits=4)]),
+    Case(
+        "quant_prune_then_fq_int4",
+        lambda: [jc.prune.magnitude(sparsity=0.5), jq.FakeQuant(bits=4)],
+    ),
+    Case(
+        "quant_prune_then_lsq_int8",
+        lambda: [jc.prune.magnitude(sparsity=0.5), jq.LSQ(bits=8)],
+    ),
+]

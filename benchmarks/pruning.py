@@ -1,0 +1,185 @@
+"""Pruning overheads and the structured-shrink speed-up, 784-300-100-10 MLP, batch 256.
+
+Figures (ratios, measured side by side in one process, medians after warm-up):
+
+- ``apply_ratio``: a compression-aware Adam step with magnitude-pruning masks at
+  90% sparsity applied but not recomputed (``end_step=0``), over the plain Adam
+  step written by hand with optax. Target <= 1.05 (jaxpruner 1.00).
+- ``update_every_step_ratio``: the same with the magnitude masks recomputed on
+  every step. Target <= 1.5 (jaxpruner 19.8 with a full argsort).
+- ``shrink_speedup``: forward time of the MLP with 75% of the hidden channels
+  pruned (kernel columns zeroed, full shapes) over the forward of the same
+  model after ``jc.prune.shrink_dense_chain`` (784-75-25-10).
+
+Run: ``python benchmarks/pruning.py`` (``--quick`` for a smoke run). The last
+line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxcompress as jc
+
+SIZES = (784, 300, 100, 10)
+BATCH = 256
+SPARSITY = 0.9
+CHANNEL_SPARSITY = 0.75
+CHAIN = [f"Dense_{i}" for i in range(len(SIZES) - 1)]
+
+
+def init_mlp(key: jax.Array, sizes=SIZES) -> dict:
+  params = {}
+  for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    key, sub = jax.random.split(key)
+    params[f"Dense_{i}"] = {
+        "kernel": jax.random.normal(sub, (fan_in, fan_out), jnp.float32) / np.sqrt(fan_in),
+        "bias": jnp.zeros((fan_out,), jnp.float32),
+    }
+  return params
+
+
+def mlp(params: dict, x: jax.Array) -> jax.Array:
+  n = len(params)
+  for i in range(n):
+    x = x @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+    if i < n - 1:
+      x = jax.nn.relu(x)
+  return x
+
+
+def loss_fn(params: dict, batch) -> jax.Array:
+  x, y = batch
+  return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
+
+
+def _interleaved(runners: dict, steps: int, warmup: int) -> dict[str, float]:
+  """Median seconds per call of each runner, calls interleaved round-robin."""
+  for _ in range(warmup):
+    for run in runners.values():
+      run()
+  times = {name: [] for name in runners}
+  for _ in range(steps):
+    for name, run in runners.items():
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def train_step_ratios(steps: int, warmup: int) -> dict[str, float]:
+  params = init_mlp(jax.random.key(0))
+  kx, ky = jax.random.split(jax.random.key(1))
+  batch = (
+      jax.random.normal(kx, (BATCH, SIZES[0]), jnp.float32),
+      jax.random.randint(ky, (BATCH,), 0, SIZES[-1]),
+  )
+
+  # The plain step, as written by hand.
+  adam = optax.adam(1e-3)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def plain_step(p, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+    updates, opt_state = adam.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, loss
+
+  plain = {"state": (jax.tree.map(jnp.copy, params), adam.init(params))}
+
+  def run_plain():
+    p, o, loss = plain_step(*plain["state"], batch)
+    loss.block_until_ready()
+    plain["state"] = (p, o)
+
+  def compressed(prune: jc.prune.Prune):
+    spec = jc.Spec([jc.Rule(r"Dense_\d+/kernel", [prune])])
+    opt = jc.masked_optimizer(optax.adam(1e-3))
+    step = jc.make_train_step(loss_fn, spec, opt)
+    box = {"ts": jc.init_train_state(spec, opt, jax.tree.map(jnp.copy, params))}
+
+    def run():
+      ts, metrics = step(box["ts"], batch)
+      metrics["loss"].block_until_ready()
+      box["ts"] = ts
+
+    return run
+
+  t = _interleaved(
+      {
+          "plain": run_plain,
+          # Masks computed at step 0, then fixed: only applying them costs.
+          "apply": compressed(jc.prune.magnitude(sparsity=SPARSITY, end_step=0)),
+          # Masks recomputed (exact top-k) on every step.
+          "update": compressed(jc.prune.magnitude(sparsity=SPARSITY, update_every=1)),
+      },
+      steps,
+      warmup,
+  )
+  return {
+      "apply_ratio": t["apply"] / t["plain"],
+      "update_every_step_ratio": t["update"] / t["plain"],
+  }
+
+
+def channel_prune(params: dict, fraction: float) -> dict:
+  """Removes ``fraction`` of the output channels of each hidden layer (lowest column norm)."""
+  hidden = "|".join(CHAIN[:-1])
+  stage = jc.prune.magnitude(sparsity=fraction, structure=jc.prune.Channel())
+  spec = jc.Spec([jc.Rule(f"({hidden})/kernel", [stage])])
+  trainable, state = spec.init(params)
+  return spec.apply(trainable, state)
+
+
+def shrink_speedup(steps: int, warmup: int) -> dict[str, float]:
+  params = channel_prune(init_mlp(jax.random.key(2)), CHANNEL_SPARSITY)
+  small = jc.prune.shrink_dense_chain(params, CHAIN, activation=jax.nn.relu)
+  x = jax.random.normal(jax.random.key(3), (BATCH, SIZES[0]), jnp.float32)
+  full_fwd = jax.jit(mlp)
+  small_fwd = jax.jit(mlp)
+  err = float(jnp.max(jnp.abs(full_fwd(params, x) - small_fwd(small.params, x))))
+  t = _interleaved(
+      {
+          "full": lambda: full_fwd(params, x).block_until_ready(),
+          "small": lambda: small_fwd(small.params, x).block_until_ready(),
+      },
+      steps,
+      warmup,
+  )
+  return {
+      "shrink_speedup": t["full"] / t["small"],
+      "shrink_features": list(small.features),
+      "shrink_max_abs_diff": err,
+  }
+
+
+def main(quick: bool = False) -> dict:
+  steps, warmup = (3, 1) if quick else (60, 10)
+  result = {
+      "device": jax.devices()[0].device_kind,
+      "mlp": list(SIZES),
+      "batch": BATCH,
+      "sparsity": SPARSITY,
+      "steps_measured": steps,
+  }
+  result.update(train_step_ratios(steps, warmup))
+  result.update(shrink_speedup(steps * 3, warmup))
+  for k, v in result.items():
+    if isinstance(v, float):
+      result[k] = round(v, 4)
+  return result
+
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
+  args = parser.parse_args()
+  print(json.dumps(main(quick=args.quick)))

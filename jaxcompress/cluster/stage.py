@@ -1,0 +1,240 @@
+"""The clustering stage: k-means weight sharing with trainable centroids.
+
+Deep Compression (Han et al. 2016) prunes, then clusters the surviving weights
+of a layer into ``2^b`` shared values, fine-tunes the shared values and
+Huffman-codes the result. In a spec that is one rule::
+
+    jc.Rule(r".*kernel", [jc.prune.magnitude(sparsity=0.9), jc.cluster.kmeans(bits=5)])
+
+``Cluster`` does not replace the weight: it reads the value the stages before
+it left (the pruned weight), so that zeros are known when it clusters. Its
+``apply`` maps every nonzero entry of that value to its centroid and keeps
+zeros at exactly zero. The centroids are the stage's trainable params; the
+assignments are state. Because ``apply`` is a gather ``centroids[assignments]``,
+the gradient of a centroid is the sum of the gradients of the weights assigned
+to it, as in the paper; the dense weight gets a zero gradient once clustered
+(it only tells which entries are zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.cluster import kmeans1d as _km
+from jaxcompress.core.stage import Stage, UpdateContext
+
+Array = jax.Array
+
+MAX_BITS = 8
+
+
+class ClusterState(NamedTuple):
+  """State of one clustered leaf.
+
+  Attributes:
+    assignments: uint8, the weight's shape: the index of each entry's centroid
+      (0 for zero entries, which map to zero, not to a centroid).
+    clustered: bool scalar; False before ``begin_step``, while the stage passes
+      the weight through unchanged.
+  """
+
+  assignments: Array
+  clustered: Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Cluster(Stage):
+  """k-means weight sharing: ``apply`` gives ``where(w != 0, centroids[assignments], 0)``.
+
+  Args:
+    bits: ``2^bits`` centroids per layer (or per channel); 1 to 8, since the
+      assignments are stored as uint8.
+    centroid_init: ``"linear"`` (evenly spaced over ``[min, max]`` of the
+      nonzero weights, the best of the three in Deep Compression), ``"density"``
+      (evenly spaced levels of the weights' CDF) or ``"kmeans++"`` (needs a
+      PRNG key: pass ``key=`` to ``spec.init``, or to ``spec.update`` when
+      ``begin_step > 0``).
+    channel_axis: ``None`` for one codebook per layer, or the axis of the
+      output channels (``-1`` for a Flax ``Dense`` or ``Conv`` kernel) for one
+      codebook per channel.
+    iters: Lloyd iterations (a fixed number, so it runs under ``jax.jit``).
+    begin_step: ``0`` clusters at ``spec.init``; a positive step clusters in
+      the ``spec.update`` of that step, from the value the stages before left
+      then (the weight after pruning and training). Before it, the stage
+      passes the value through and the dense weight trains as usual.
+
+  Zero entries of the value (pruned weights) take no part in k-means and stay
+  exactly zero. The centroids train (their gradient is the sum of the
+  gradients of their weights); after clustering the dense weight receives zero
+  gradient.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> spec = jc.Spec([jc.Rule("w", [jc.cluster.Cluster(bits=1)])])
+    >>> t, s = spec.init({"w": jnp.array([0.9, 1.1, 0.0, -2.1, -1.9])})
+    >>> [round(v, 4) for v in spec.apply(t, s)["w"].tolist()]
+    [1.0, 1.0, 0.0, -2.0, -2.0]
+  """
+
+  name: ClassVar[str] = "weight_sharing"
+
+  bits: int
+  centroid_init: str = "linear"
+  channel_axis: int | None = None
+  iters: int = 20
+  begin_step: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+      raise TypeError(f"Cluster: bits must be an int, got {self.bits!r}.")
+    if self.centroid_init not in _km.INITS:
+      raise ValueError(
+          f"Cluster: centroid_init must be one of {_km.INITS}, got {self.centroid_init!r}."
+      )
+    if self.channel_axis is not None and (
+        isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int)
+    ):
+      raise TypeError(
+          f"Cluster: channel_axis must be None (one codebook per layer) or an int axis, "
+          f"got {self.channel_axis!r}."
+      )
+    for field in ("iters", "begin_step"):
+      v = getattr(self, field)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"Cluster: {field} must be a non-negative int, got {v!r}.")
+
+  @property
+  def num_centroids(self) -> int:
+    """``2^bits``."""
+    return 2**self.bits
+
+  # -- checks that need the leaf ---------------------------------------------
+  def _check_leaf(self, value, path: str) -> None:
+    if not 1 <= self.bits <= MAX_BITS:
+      raise ValueError(
+          f"Cluster on leaf {path!r}: bits={self.bits} gives {2**self.bits} centroids, but "
+          f"cluster indices are stored as uint8, so bits must be in 1..{MAX_BITS}. Use "
+          f"bits <= {MAX_BITS} (Deep Compression uses 5 for Dense and 8 for Conv layers)."
+      )
+    if self.channel_axis is not None and not -value.ndim <= self.channel_axis < value.ndim:
+      raise ValueError(
+          f"Cluster on leaf {path!r}: channel_axis={self.channel_axis} is out of range for "
+          f"a weight of shape {tuple(value.shape)}. Use an axis in "
+          f"[{-value.ndim}, {value.ndim}) or None for one codebook per layer."
+      )
+
+  def _key_needed(self, key, path: str, where: str) -> None:
+    if self.centroid_init == "kmeans++" and key is None:
+      raise ValueError(
+          f"Cluster on leaf {path!r}: centroid_init='kmeans++' draws random centroids and "
+          f"needs a PRNG key, but {where} got key=None. Pass key=jax.random.key(0) there, "
+          "or use centroid_init='linear'."
+      )
+
+  # -- layout ------------------------------------------------------------------
+  def _axis(self, ndim: int) -> int | None:
+    return None if self.channel_axis is None else self.channel_axis % ndim
+
+  def _grouped(self, x: Array) -> Array:
+    """``(groups, n)``: one row per codebook."""
+    ax = self._axis(x.ndim)
+    if ax is None:
+      return x.reshape(1, -1)
+    return jnp.moveaxis(x, ax, 0).reshape(x.shape[ax], -1)
+
+  def _ungrouped(self, a: Array, shape: tuple[int, ...]) -> Array:
+    ax = self._axis(len(shape))
+    if ax is None:
+      return a.reshape(shape)
+    moved = (shape[ax],) + tuple(s for i, s in enumerate(shape) if i != ax)
+    return jnp.moveaxis(a.reshape(moved), 0, ax)
+
+  # -- stage protocol ----------------------------------------------------------
+  def init(self, value, *, path, key):
+    self._check_leaf(value, path)
+    k = self.num_centroids
+    if self.begin_step > 0:
+      shape = (k,) if self.channel_axis is None else (value.shape[self._axis(value.ndim)], k)
+      centroids = jnp.zeros(shape, value.dtype)
+      return centroids, ClusterState(
+          jnp.zeros(value.shape, jnp.uint8), jnp.zeros((), jnp.bool_)
+      )
+    self._key_needed(key, path, "spec.init")
+    centroids, assignments = _cluster(self, value, key)
+    return centroids, ClusterState(assignments, jnp.ones((), jnp.bool_))
+
+  def apply(self, value, params, state):
+    a = state.assignments.astype(jnp.int32)
+    ax = self._axis(value.ndim)
+    if ax is None:
+      shared = params[a]
+    else:
+      channel = jax.lax.broadcasted_iota(jnp.int32, value.shape, ax)
+      shared = params.reshape(-1)[channel * self.num_centroids + a]
+    clustered = jnp.where(value != 0, shared, jnp.zeros_like(value))
+    return jnp.where(state.clustered, clustered, value)
+
+  def update(self, value, params, state, ctx: UpdateContext):
+    if self.begin_step == 0:
+      return value, params, state
+    self._key_needed(ctx.key, ctx.path, "spec.update")
+    return value, *_cluster_at_step(self, value, params, state, ctx.step, ctx.key)
+
+
+# Jitted with the stage static: inlined under an outer jit, and compiled once
+# (not op by op, nor once per call for the lax.cond) when called eagerly.
+@functools.partial(jax.jit, static_argnums=0)
+def _cluster(stage: Cluster, value: Array, key: Array | None) -> tuple[Array, Array]:
+  """Centroids (``(k,)`` or ``(channels, k)``, value dtype) and uint8 assignments."""
+  x = stage._grouped(value.astype(jnp.float32))
+  valid = x != 0
+  keys = None if key is None else jax.random.split(key, x.shape[0])
+
+  def one(xg, vg, kg):
+    return _km.kmeans(xg, vg, stage.num_centroids, init=stage.centroid_init, iters=stage.iters, key=kg)
+
+  centroids, assignments = jax.vmap(one)(x, valid, keys)
+  assignments = jnp.where(valid, assignments, 0).astype(jnp.uint8)
+  if stage.channel_axis is None:
+    centroids = centroids[0]
+  return centroids.astype(value.dtype), stage._ungrouped(assignments, value.shape)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cluster_at_step(stage: Cluster, value, params, state, step, key):
+  """Clusters ``value`` when ``step == stage.begin_step``; else keeps params and state."""
+
+  def run(_):
+    centroids, assignments = _cluster(stage, value, key)
+    return centroids, ClusterState(assignments, jnp.ones((), jnp.bool_))
+
+  def keep(_):
+    return params, state
+
+  return jax.lax.cond(step == stage.begin_step, run, keep, None)
+
+
+def kmeans(bits: int, **kwargs) -> Cluster:
+  """k-means weight sharing with ``2^bits`` trainable centroids.
+
+  Args:
+    bits: centroids per codebook are ``2^bits`` (1 to 8).
+    **kwargs: any other ``Cluster`` argument (centroid_init, channel_axis,
+      iters, begin_step).
+
+  Returns:
+    ``Cluster(bits=bits, **kwargs)``.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5), jc.cluster.kmeans(bits=1)])])
+    >>> t, s = spec.init({"w": jnp.array([0.1, 3.0, -0.2, 5.0, 0.3, -4.0])})
+    >>> spec.apply(t, s)["w"].tolist()
+    [0.0, 4.0, 0.0, 4.0, 0.0, -4.0]
+  """
+  return Cluster(bits=bits, **kwargs)

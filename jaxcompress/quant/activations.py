@@ -1,0 +1,485 @@
+"""Quantized inputs for the Dense, Conv and Einsum layers of Flax models.
+
+Activations are not parameters, so the params-tree spec cannot reach them. They
+are quantized where the model computes:
+
+- linen: ``quantize_inputs(rules)`` is a context manager that installs a
+  ``flax.linen.intercept_methods`` interceptor: every selected module's
+  ``__call__`` sees its input fake-quantized (or runs its product through a
+  low-precision ``dot_general``);
+- NNX: ``quantize_nnx_inputs(model, rules)`` returns a clone of the model in
+  which each selected ``Linear``/``LinearGeneral``/``Conv``/``Einsum`` is wrapped
+  by a ``QuantizedInput`` module; the original model is unchanged.
+
+Modules are selected by ``InputRule.pattern``, a regular expression fully
+matched against the module path: ``Dense_0``, ``block/Dense_1``, ``layers/0``.
+Nothing global in jax or flax is patched.
+
+Ranges are either *dynamic* (the absolute maximum of each token, computed on
+the fly) or *static* (one absolute maximum per tensor, an exponential moving
+average collected in calibration passes: the ``"quant_stats"`` collection for
+linen, ``InputRange`` variables for NNX).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcompress.quant import calibration, numerics
+from jaxcompress.quant.dot_general import QuantizedDotGeneral, fp8_dot_general, int8_dot_general
+from jaxcompress.quant.ste import fake_quant_ste
+
+Array = jax.Array
+
+#: Linen collection holding static input ranges.
+STATS_COLLECTION = "quant_stats"
+
+_RANGES = ("dynamic", "static")
+_MATMULS = ("fake", "int8", "fp8")
+_LINEN_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+_NNX_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InputRule:
+  """How the inputs of the modules selected by ``pattern`` are quantized.
+
+  Args:
+    pattern: a regular expression fully matched (``re.fullmatch``) against the
+      module path, its names joined by ``/``: ``Dense_0``, ``block/Dense_1``.
+    bits: integer width of the inputs, 2 to 8 (symmetric, round to nearest).
+    ranges: ``"dynamic"``: one scale per token (the absolute maximum over the
+      features the layer contracts), computed on every call; ``"static"``: one
+      scale per tensor from a calibrated moving average of the absolute maximum.
+    decay: moving-average decay of static ranges (``r <- decay * r + (1 -
+      decay) * max|x|``; the first calibration batch sets ``r``).
+    matmul: ``"fake"`` quantizes the input and runs the layer as usual (weights
+      stay as the layer has them: fake-quantize those with a ``jc.Spec``);
+      ``"int8"``/``"fp8"`` run the layer's product through ``int8_dot_general``
+      / ``fp8_dot_general`` (input per token, weight per output channel, real
+      low-precision forward, straight-through backward). Real products need
+      dynamic ranges and a layer with a ``dot_general`` (linen ``Dense``,
+      ``DenseGeneral``; NNX ``Linear``, ``LinearGeneral``, ``Einsum``).
+
+  Example:
+    >>> rule = InputRule(pattern=r"Dense_\\d+", ranges="static")
+    >>> rule.bits
+    8
+  """
+
+  pattern: str
+  bits: int = 8
+  ranges: str = "dynamic"
+  decay: float = 0.9
+  matmul: str = "fake"
+
+  def __post_init__(self):
+    if not isinstance(self.pattern, str):
+      raise TypeError(f"InputRule pattern must be a str, got {self.pattern!r}.")
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"InputRule pattern {self.pattern!r} is not a valid regular expression: {e}.") from e
+    if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+      raise ValueError(f"InputRule {self.pattern!r}: bits must be an int from 2 to 8, got {self.bits!r}.")
+    if self.ranges not in _RANGES:
+      raise ValueError(f"InputRule {self.pattern!r}: ranges must be one of {_RANGES}, got {self.ranges!r}.")
+    if not 0.0 <= self.decay < 1.0:
+      raise ValueError(f"InputRule {self.pattern!r}: decay must be in [0, 1), got {self.decay!r}.")
+    if self.matmul not in _MATMULS:
+      raise ValueError(f"InputRule {self.pattern!r}: matmul must be one of {_MATMULS}, got {self.matmul!r}.")
+    if self.matmul != "fake" and self.ranges != "dynamic":
+      raise ValueError(
+          f"InputRule {self.pattern!r}: matmul={self.matmul!r} computes per-token scales on the "
+          "fly; static ranges work with matmul='fake'. Set ranges='dynamic' or matmul='fake'."
+      )
+    if self.matmul == "fp8" and self.bits != 8:
+      raise ValueError(
+          f"InputRule {self.pattern!r}: bits={self.bits} does not apply to fp8 products; leave bits=8."
+      )
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.pattern, path) is not None
+
+  def dot_general(self) -> QuantizedDotGeneral:
+    """The ``dot_general`` of a real low-precision product (``matmul != "fake"``)."""
+    if self.matmul == "int8":
+      return int8_dot_general(bits=self.bits)
+    return fp8_dot_general()
+
+
+
+# --------------------------------------------------------------------------
+# Fake quantization of one input.
+# --------------------------------------------------------------------------
+
+
+def _input_format(bits: int) -> numerics.Format:
+  return numerics.Format(bits=bits, narrow_range=True)
+
+
+def _quant_tokens(x: Array, axes: Sequence[int], bits: int) -> Array:
+  """Fake quantization with one scale per token (reduced over ``axes``), identity STE."""
+  kept = tuple(i for i in range(x.ndim) if i not in axes)
+  granularity = numerics.PerChannel(axis=kept) if kept else numerics.PerTensor()
+  return fake_quant_ste(x, _input_format(bits), granularity)
+
+
+def _quant_static(x: Array, absmax: Array, bits: int) -> Array:
+  """Fake quantization on ``[-absmax, absmax]``, one scale, clipped STE."""
+  fmt = _input_format(bits)
+  scale, _ = numerics.scale_from_range(-absmax, absmax, fmt)
+  scale = jnp.reshape(scale, (1,) * x.ndim)
+  return fake_quant_ste(x, fmt, numerics.PerTensor(), scale=scale, estimator="clipped")
+
+
+def _ema(absmax: Array, count: Array, x: Array, decay: float) -> tuple[Array, Array]:
+  """Folds ``max|x|`` into the moving average ``(absmax, count)``."""
+  batch = jax.lax.stop_gradient(jnp.max(jnp.abs(x)).astype(jnp.float32))
+  ema = calibration.ema_update(calibration.RangeEMA(-absmax, absmax, count), -batch, batch, decay)
+  return ema.hi, ema.count
+
+
+def _contracted_axes(module: Any, ndim: int) -> tuple[int, ...]:
+  """The input axes a layer reduces over (``DenseGeneral`` may have several)."""
+  if isinstance(module, (nn.DenseGeneral, nnx.LinearGeneral)):
+    axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+    return tuple(a % ndim for a in axis)
+  return (ndim - 1,)
+
+
+def _split_input(args: tuple, kwargs: dict) -> tuple[Array, Callable[[Array], tuple[tuple, dict]]]:
+  if args:
+    return args[0], lambda x: ((x, *args[1:]), kwargs)
+  if "inputs" in kwargs:
+    return kwargs["inputs"], lambda x: (args, {**kwargs, "inputs": x})
+  raise TypeError("A quantized layer was called without an input array.")
+
+
+def _check_rules(rules: Sequence[InputRule] | InputRule) -> tuple[InputRule, ...]:
+  rules = (rules,) if isinstance(rules, InputRule) else tuple(rules)
+  for r in rules:
+    if not isinstance(r, InputRule):
+      raise TypeError(f"Expected jc.quant.InputRule objects, got {r!r}.")
+  if not rules:
+    raise ValueError("Give at least one InputRule.")
+  return rules
+
+
+def _unmatched_error(rule: InputRule, paths: Sequence[str], kinds: str, hint: str) -> ValueError:
+  shown = ", ".join(repr(p) for p in paths[:20]) + (" ..." if len(paths) > 20 else "")
+  return ValueError(
+      f"InputRule pattern {rule.pattern!r} matches no {kinds} module. Patterns are regular "
+      "expressions matched with re.fullmatch against module paths such as 'Dense_0' or "
+      f"'block/Dense_1'; the paths are: {shown or '(none)' + hint}."
+  )
+
+
+# --------------------------------------------------------------------------
+# linen.
+# --------------------------------------------------------------------------
+
+
+class _Routed:
+  """The ``dot_general`` of a linen clone made to run a real low-precision product."""
+
+  def __init__(self, dot_general: QuantizedDotGeneral):
+    self.dot_general = dot_general
+
+  def __call__(self, *args, **kwargs):
+    return self.dot_general(*args, **kwargs)
+
+
+class _Interceptor:
+  def __init__(self, rules: tuple[InputRule, ...], calibrate: bool):
+    self.rules = rules
+    self.calibrate = calibrate
+    self.seen: list[str] = []
+    self.used = [False] * len(rules)
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, _LINEN_TYPES):
+      return next_fun(*args, **kwargs)
+    if isinstance(getattr(module, "dot_general", None), _Routed):
+      return next_fun(*args, **kwargs)  # our own clone, already handled
+    path = "/".join(str(p) for p in module.path)
+    if path not in self.seen:
+      self.seen.append(path)
+    idx = next((i for i, r in enumerate(self.rules) if r.matches(path)), None)
+    if idx is None:
+      return next_fun(*args, **kwargs)
+    self.used[idx] = True
+    rule = self.rules[idx]
+    if rule.matmul != "fake":
+      if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        raise ValueError(
+            f"InputRule {rule.pattern!r}: module {path!r} is a linen {type(module).__name__}, which "
+            f"takes no dot_general, so matmul={rule.matmul!r} cannot run its product. Use "
+            "matmul='fake' for it, or narrow the pattern to Dense/DenseGeneral modules."
+        )
+      routed = module.clone(parent=module.scope, dot_general=_Routed(rule.dot_general()), dot_general_cls=None)
+      return routed(*args, **kwargs)
+    x, rebuild = _split_input(args, kwargs)
+    axes = _contracted_axes(module, x.ndim)
+    if rule.ranges == "dynamic":
+      xq = _quant_tokens(x, axes, rule.bits)
+    else:
+      xq = _quant_static(x, self._static_range(module, path, rule, x), rule.bits)
+    args, kwargs = rebuild(xq)
+    return next_fun(*args, **kwargs)
+
+  def _static_range(self, module: nn.Module, path: str, rule: InputRule, x: Array) -> Array:
+    if self.calibrate:
+      if not module.is_mutable_collection(STATS_COLLECTION):
+        raise ValueError(
+            f"Calibrating the input range of {path!r} needs the {STATS_COLLECTION!r} collection to "
+            f"be mutable: call model.apply(variables, ..., mutable=[{STATS_COLLECTION!r}]) inside "
+            "quantize_inputs(rules, calibrate=True)."
+        )
+      absmax = module.variable(STATS_COLLECTION, "input_absmax", lambda: jnp.zeros((), jnp.float32))
+      count = module.variable(STATS_COLLECTION, "count", lambda: jnp.zeros((), jnp.int32))
+      absmax.value, count.value = _ema(absmax.value, count.value, x, rule.decay)
+      return absmax.value
+    if not module.has_variable(STATS_COLLECTION, "input_absmax"):
+      raise ValueError(
+          f"Module {path!r} has static input ranges (InputRule {rule.pattern!r}) but no "
+          f"{STATS_COLLECTION!r} variables: run calibration batches first, "
+          f"`with quantize_inputs(rules, calibrate=True): _, stats = model.apply(variables, x, "
+          f"mutable=[{STATS_COLLECTION!r}])`, and pass the returned {STATS_COLLECTION!r} "
+          "collection with the params."
+      )
+    return module.get_variable(STATS_COLLECTION, "input_absmax")
+
+
+@contextlib.contextmanager
+def quantize_inputs(rules: Sequence[InputRule] | InputRule, *, calibrate: bool = False) -> Iterator[None]:
+  """Quantizes the inputs of the selected linen modules called inside the context.
+
+  Selected ``Dense``, ``DenseGeneral``, ``Conv`` and ``Einsum`` modules (and
+  their subclasses) see their input fake-quantized (``matmul="fake"``) or run
+  their product in int8/fp8 (``matmul="int8"``/``"fp8"``). The first rule
+  whose pattern matches a module path wins.
+
+  Enter the context *inside* the function you ``jax.jit`` or differentiate (it
+  acts while the model is traced). On exit, a rule that matched no module
+  called inside the context raises ``ValueError``.
+
+  Static ranges live in the ``"quant_stats"`` collection. With
+  ``calibrate=True`` each call updates them (pass
+  ``mutable=["quant_stats"]`` to ``apply``) and quantizes with the updated
+  range; otherwise they are read from the variables given to ``apply``.
+
+  Args:
+    rules: ``InputRule`` objects.
+    calibrate: update the moving averages of static ranges.
+
+  Yields:
+    Nothing; the interception is active inside the ``with`` block.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> model = nn.Dense(2)
+    >>> x = jnp.array([[0.6, -1.0, 0.26]])
+    >>> params = model.init(jax.random.key(0), x)
+    >>> with quantize_inputs([InputRule(pattern="", bits=2)]):
+    ...   y = model.apply(params, x)
+    >>> bool(jnp.allclose(y, model.apply(params, jnp.array([[1.0, -1.0, 0.0]]))))
+    True
+  """
+  interceptor = _Interceptor(_check_rules(rules), calibrate)
+  with nn.intercept_methods(interceptor):
+    yield
+  for rule, used in zip(interceptor.rules, interceptor.used):
+    if not used:
+      raise _unmatched_error(
+          rule,
+          interceptor.seen,
+          "Dense, DenseGeneral, Conv or Einsum",
+          " (no such module ran inside the context; a jitted function traced earlier does "
+          "not run its Python code again: enter the context inside the function you jit)",
+      )
+
+
+# --------------------------------------------------------------------------
+# NNX.
+# --------------------------------------------------------------------------
+
+
+class InputRange(nnx.Variable):
+  """A calibrated static input range (not trained: optimizers select ``nnx.Param``)."""
+
+
+class QuantizedInput(nnx.Module):
+  """Wraps an NNX layer so that its input is quantized before it runs.
+
+  Built by ``quantize_nnx_inputs``. With ``matmul="fake"`` the input is
+  fake-quantized and the wrapped layer called; with ``"int8"``/``"fp8"`` the
+  wrapped layer's ``dot_general`` (``einsum_op`` for ``Einsum``) was replaced by
+  a low-precision one when the wrapper was built.
+
+  Attributes:
+    inner: the wrapped layer.
+    rule: the ``InputRule``.
+    path: the layer's path in the model.
+    absmax, count: static ranges: the moving average of ``max|x|`` and the
+      number of calibration calls (``InputRange`` variables; ``None`` for
+      dynamic ranges). Until the first calibration call the input passes
+      through unquantized.
+    calibrate: update the static range on each call. Turn on with
+      ``nnx.view(model, calibrate=True)``.
+  """
+
+  def __init__(self, inner: nnx.Module, rule: InputRule, path: str):
+    self.rule = rule
+    self.path = path
+    self.calibrate = False
+    if rule.ranges == "static":
+      self.absmax = InputRange(jnp.zeros((), jnp.float32))
+      self.count = InputRange(jnp.zeros((), jnp.int32))
+    else:
+      self.absmax = self.count = None
+    if rule.matmul != "fake":
+      if isinstance(inner, (nnx.Linear, nnx.LinearGeneral)):
+        inner.dot_general = rule.dot_general()
+        if getattr(inner, "dot_general_cls", None) is not None:
+          inner.dot_general_cls = None  # it would take precedence over dot_general
+      elif isinstance(inner, nnx.Einsum):
+        inner.einsum_op = _EinsumWith(rule.dot_general())
+      else:
+        raise ValueError(
+            f"InputRule {rule.pattern!r}: module {path!r} is an nnx.{type(inner).__name__}, which "
+            f"has no dot_general, so matmul={rule.matmul!r} cannot run its product. Use "
+            "matmul='fake' for it, or narrow the pattern to Linear/LinearGeneral/Einsum modules."
+        )
+    self.inner = inner
+
+  def set_view(self, calibrate: bool | None = None) -> None:
+    """Sets the calibration mode (used by ``nnx.view(model, calibrate=...)``).
+
+    Args:
+      calibrate: update static ranges on each call, or not; ``None`` keeps it.
+    """
+    if calibrate is not None:
+      self.calibrate = calibrate
+
+  def __call__(self, *args, **kwargs):
+    if self.rule.matmul != "fake":
+      return self.inner(*args, **kwargs)
+    x, rebuild = _split_input(args, kwargs)
+    if self.rule.ranges == "dynamic":
+      xq = _quant_tokens(x, _contracted_axes(self.inner, x.ndim), self.rule.bits)
+    else:
+      if self.calibrate:
+        self.absmax[...], self.count[...] = _ema(self.absmax[...], self.count[...], x, self.rule.decay)
+      xq = jnp.where(self.count[...] > 0, _quant_static(x, self.absmax[...], self.rule.bits), x)
+    args, kwargs = rebuild(xq)
+    return self.inner(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EinsumWith:
+  """``jnp.einsum`` with its products run by a given ``dot_general``."""
+
+  dot_general: QuantizedDotGeneral
+
+  def __call__(self, subscripts, *operands, **kwargs):
+    return jnp.einsum(subscripts, *operands, _dot_general=self.dot_general, **kwargs)
+
+
+def quantize_nnx_inputs(model: nnx.Module, rules: Sequence[InputRule] | InputRule) -> nnx.Module:
+  """A clone of an NNX model whose selected layers quantize their inputs.
+
+  Every ``nnx.Linear``, ``LinearGeneral``, ``Conv`` and ``Einsum`` (or subclass)
+  whose path (``layers/0``, ``block/linear1``) fully matches a rule's pattern is
+  replaced, in a clone (``nnx.clone``), by a ``QuantizedInput`` wrapping it; the
+  first matching rule wins. The clone shares no state with ``model``, which is
+  unchanged. A layer held at several paths is selected when any of them
+  matches, and wrapped at every place it is held.
+
+  Static ranges are calibrated on a view: ``cal = nnx.view(qmodel,
+  calibrate=True)``; calls of ``cal`` (eager or under ``nnx.jit``) update the
+  ``InputRange`` variables, which ``qmodel`` shares.
+
+  Args:
+    model: an NNX module.
+    rules: ``InputRule`` objects.
+
+  Returns:
+    The quantized clone.
+
+  Raises:
+    ValueError: a rule matches no layer, or asks for a real low-precision
+      product of a layer without a ``dot_general`` (``Conv``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> qlayer = quantize_nnx_inputs(layer, [InputRule(pattern="", bits=2)])
+    >>> x = jnp.array([[0.6, -1.0, 0.26]])
+    >>> bool(jnp.allclose(qlayer(x), layer(jnp.array([[1.0, -1.0, 0.0]]))))
+    True
+  """
+  rules = _check_rules(rules)
+  clone = nnx.clone(model)
+  # Every place a layer is held: (holder, key, layer, path). A shared layer has several.
+  places = [(None, None, clone, ())] if isinstance(clone, _NNX_TYPES) else []
+  for hpath, holder in nnx.iter_graph(clone):
+    if isinstance(holder, (nnx.Pytree, list, dict, tuple)):
+      places += [(holder, k, c, (*hpath, k)) for k, c in _children(holder) if isinstance(c, _NNX_TYPES)]
+  places.sort(key=lambda p: _path_str(p[3]))
+  paths = sorted({_path_str(p[3]) for p in places})
+  # A layer takes the first rule that matches any of its paths.
+  selected: dict[int, tuple[int, str]] = {}
+  for _, _, layer, path in places:
+    idx = next((i for i, r in enumerate(rules) if r.matches(_path_str(path))), None)
+    if idx is not None and (id(layer) not in selected or idx < selected[id(layer)][0]):
+      selected[id(layer)] = (idx, _path_str(path))
+  used = {i for i, _ in selected.values()}
+  for i, rule in enumerate(rules):
+    if i not in used:
+      raise _unmatched_error(rule, paths, "Linear, LinearGeneral, Conv or Einsum", "")
+  wrappers: dict[int, QuantizedInput] = {}
+  for holder, key, layer, path in places:
+    if id(layer) not in selected:
+      continue
+    if id(layer) not in wrappers:
+      idx, first_path = selected[id(layer)]
+      wrappers[id(layer)] = QuantizedInput(layer, rules[idx], first_path)
+    if holder is None:
+      return wrappers[id(layer)]
+    _set_child(holder, key, wrappers[id(layer)], path)
+  return clone
+
+
+def _path_str(path: tuple) -> str:
+  return "/".join(str(k) for k in path)
+
+
+def _children(holder: Any) -> list[tuple[Any, Any]]:
+  if isinstance(holder, (nnx.List, list, tuple)):
+    return list(enumerate(holder))
+  if isinstance(holder, (nnx.Dict, dict)):
+    return list(holder.items())
+  return list(vars(holder).items())
+
+
+def _set_child(holder: Any, key: Any, value: Any, path: tuple) -> None:
+  if isinstance(holder, tuple):
+    raise ValueError(
+        f"Layer {_path_str(path)!r} is held in a tuple, which cannot be changed in place. Hold "
+        "layers in an nnx.List (or a list) to quantize their inputs."
+    )
+  if isinstance(holder, (nnx.List, list, nnx.Dict, dict)):
+    holder[key] = value
+  else:
+    setattr(holder, key, value)

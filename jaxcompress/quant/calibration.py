@@ -1,0 +1,285 @@
+"""Calibration: choosing quantization ranges from data.
+
+A calibrator maps a tensor to ranges ``(lo, hi)``, one per block of elements
+that share a scale (shape ``granularity.scale_shape(x.shape)``);
+``numerics.scale_from_range`` turns them into scales:
+
+- ``AbsMax()``: ``[-max |x|, max |x|]``;
+- ``MinMax()``: ``[min x, max x]``;
+- ``Percentile(q=99.9)``: the ``q``-th percentile of ``|x|`` (symmetric), or the
+  ``100 - q`` and ``q`` percentiles of ``x`` (asymmetric);
+- ``MSE(...)``: the clipping ratio ``r`` of the absmax/minmax range that
+  minimizes the squared quantization error ``sum (fake_quant(x) - x)**2`` of
+  each block, searched over a grid of ratios from 1 down to ``min_ratio``.
+
+Ranges that change over time (weights during training, activations over
+calibration batches) are smoothed by an exponential moving average:
+``RangeEMA`` holds ``(lo, hi, count)`` and ``ema_update`` folds in a new
+observation (the first one is taken as is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.quant import numerics
+from jaxcompress.quant.numerics import Format, Granularity
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibrator:
+  """Base class of calibrators: ``calibrator(x, fmt, granularity) -> (lo, hi)``."""
+
+  def __call__(self, x: Array, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
+    raise NotImplementedError
+
+  def scale(
+      self, x: Array, fmt: Format, granularity: Granularity
+  ) -> tuple[Array, Array | None]:
+    """The scale and zero point of the calibrated ranges.
+
+    Args:
+      x: the tensor.
+      fmt: the format.
+      granularity: which elements share a scale.
+
+    Returns:
+      ``numerics.scale_from_range(*self(x, fmt, granularity), fmt)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxcompress.quant.calibration import AbsMax
+      >>> from jaxcompress.quant.numerics import Format, PerTensor
+      >>> s, z = AbsMax().scale(jnp.array([1.0, -7.0]), Format(bits=4), PerTensor())
+      >>> s.tolist(), z
+      ([1.0], None)
+    """
+    lo, hi = self(x, fmt, granularity)
+    return numerics.scale_from_range(lo, hi, fmt)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AbsMax(Calibrator):
+  """Ranges ``[-max |x|, max |x|]`` per block.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.calibration import AbsMax
+    >>> from jaxcompress.quant.numerics import Format, PerChannel
+    >>> lo, hi = AbsMax()(jnp.array([[1.0, -2.0], [-3.0, 0.5]]), Format(), PerChannel())
+    >>> lo.tolist(), hi.tolist()
+    ([[-3.0, -2.0]], [[3.0, 2.0]])
+  """
+
+  def __call__(self, x: Array, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
+    del fmt
+    r = numerics.reduce_blocks(jnp.abs(x.astype(jnp.float32)), granularity, jnp.max)
+    return -r, r
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MinMax(Calibrator):
+  """Ranges ``[min x, max x]`` per block.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.calibration import MinMax
+    >>> from jaxcompress.quant.numerics import Format, PerTensor
+    >>> lo, hi = MinMax()(jnp.array([1.0, -2.0, 4.0]), Format(), PerTensor())
+    >>> lo.tolist(), hi.tolist()
+    ([-2.0], [4.0])
+  """
+
+  def __call__(self, x: Array, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
+    del fmt
+    xf = x.astype(jnp.float32)
+    return (
+        numerics.reduce_blocks(xf, granularity, jnp.min),
+        numerics.reduce_blocks(xf, granularity, jnp.max),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Percentile(Calibrator):
+  """Ranges at the ``q``-th percentile (linear interpolation, as ``np.percentile``).
+
+  Symmetric formats use the percentile of ``|x|``; asymmetric ones the ``100 - q``
+  and ``q`` percentiles of ``x``.
+
+  Args:
+    q: the percentile, in ``(0, 100]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.calibration import Percentile
+    >>> from jaxcompress.quant.numerics import Format, PerTensor
+    >>> lo, hi = Percentile(q=50.0)(jnp.arange(5.0), Format(), PerTensor())
+    >>> hi.tolist()
+    [2.0]
+  """
+
+  q: float = 99.9
+
+  def __post_init__(self):
+    if not 0.0 < self.q <= 100.0:
+      raise ValueError(f"Percentile(q={self.q!r}): q must lie in (0, 100], e.g. 99.9.")
+
+  def __call__(self, x: Array, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
+    xf = x.astype(jnp.float32)
+    if fmt.symmetric:
+      r = numerics.reduce_blocks(
+          jnp.abs(xf), granularity, functools.partial(jnp.percentile, q=self.q)
+      )
+      return -r, r
+    lo = numerics.reduce_blocks(xf, granularity, functools.partial(jnp.percentile, q=100.0 - self.q))
+    hi = numerics.reduce_blocks(xf, granularity, functools.partial(jnp.percentile, q=self.q))
+    return lo, hi
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MSE(Calibrator):
+  """The clipping ratio per block that minimizes the squared quantization error.
+
+  Candidate ranges are ``ratio * (lo, hi)`` of the absmax (symmetric) or
+  min/max (asymmetric) range, for ``ratios()`` from 1 down to ``min_ratio``;
+  the first ratio with the smallest error wins (ties keep the wider range).
+
+  Args:
+    num: number of candidate ratios.
+    min_ratio: the smallest ratio, in ``(0, 1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.calibration import MSE
+    >>> from jaxcompress.quant.numerics import Format, PerTensor
+    >>> x = jnp.concatenate([jnp.linspace(-1.0, 1.0, 1001), jnp.array([3.0])])
+    >>> lo, hi = MSE()(x, Format(bits=4), PerTensor())
+    >>> bool(hi[0] < 2.0)
+    True
+  """
+
+  num: int = 64
+  min_ratio: float = 0.2
+
+  def __post_init__(self):
+    if not (isinstance(self.num, int) and self.num >= 1):
+      raise ValueError(f"MSE(num={self.num!r}): num must be a positive int, e.g. 64.")
+    if not 0.0 < self.min_ratio <= 1.0:
+      raise ValueError(f"MSE(min_ratio={self.min_ratio!r}): must lie in (0, 1], e.g. 0.2.")
+
+  def ratios(self) -> np.ndarray:
+    """The candidate ratios, float32, from 1 down to ``min_ratio``."""
+    return np.linspace(1.0, self.min_ratio, self.num).astype(np.float32)
+
+  def __call__(self, x: Array, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
+    base = AbsMax() if fmt.symmetric else MinMax()
+    lo0, hi0 = base(x, fmt, granularity)
+    xf = x.astype(jnp.float32)
+
+    def error(ratio):
+      scale, zp = numerics.scale_from_range(lo0 * ratio, hi0 * ratio, fmt)
+      q = numerics.quantize(xf, fmt, granularity, scale=scale, zero_point=zp)
+      d = numerics.dequantize(q, jnp.float32) - xf
+      return numerics.reduce_blocks(d * d, granularity, jnp.sum)
+
+    def body(carry, ratio):
+      best_err, best_ratio = carry
+      err = error(ratio)
+      better = err < best_err
+      return (jnp.where(better, err, best_err), jnp.where(better, ratio, best_ratio)), None
+
+    ratios = jnp.asarray(self.ratios())
+    init = (error(ratios[0]), jnp.full_like(lo0, ratios[0]))
+    (_, best), _ = jax.lax.scan(body, init, ratios[1:])
+    return lo0 * best, hi0 * best
+
+
+# --------------------------------------------------------------------------
+# Moving averages of ranges.
+# --------------------------------------------------------------------------
+
+
+class RangeEMA(NamedTuple):
+  """An exponential moving average of ranges.
+
+  Attributes:
+    lo: float32 lower ends.
+    hi: float32 upper ends.
+    count: int32 number of observations folded in.
+  """
+
+  lo: Array
+  hi: Array
+  count: Array
+
+
+def ema_init(shape: tuple[int, ...]) -> RangeEMA:
+  """An empty moving average of ranges of ``shape``.
+
+  Args:
+    shape: the shape of the ranges (``granularity.scale_shape(x.shape)``).
+
+  Returns:
+    ``RangeEMA`` of zeros with ``count = 0``.
+
+  Example:
+    >>> from jaxcompress.quant.calibration import ema_init
+    >>> ema_init((1, 4)).lo.shape
+    (1, 4)
+  """
+  zeros = jnp.zeros(shape, jnp.float32)
+  return RangeEMA(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+def ema_update(ema: RangeEMA, lo: Array, hi: Array, decay: float) -> RangeEMA:
+  """Folds ranges ``(lo, hi)`` into ``ema``: ``r <- decay * r + (1 - decay) * new``.
+
+  The first observation (``count == 0``) is taken as is.
+
+  Args:
+    ema: the moving average.
+    lo: observed lower ends.
+    hi: observed upper ends.
+    decay: in ``[0, 1)``; 0 keeps only the last observation.
+
+  Returns:
+    The updated ``RangeEMA``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.calibration import ema_init, ema_update
+    >>> e = ema_update(ema_init(()), jnp.float32(-2.0), jnp.float32(2.0), 0.5)
+    >>> e = ema_update(e, jnp.float32(-4.0), jnp.float32(4.0), 0.5)
+    >>> float(e.hi), int(e.count)
+    (3.0, 2)
+  """
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"decay={decay!r} must lie in [0, 1), e.g. 0.99.")
+  first = ema.count == 0
+  d = jnp.float32(decay)
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  new_lo = jnp.where(first, lo, d * ema.lo + (1 - d) * lo)
+  new_hi = jnp.where(first, hi, d * ema.hi + (1 - d) * hi)
+  count = jnp.minimum(ema.count, jnp.iinfo(jnp.int32).max - 1) + 1
+  return RangeEMA(new_lo, new_hi, count)
+
+
+__all__ = [
+    "AbsMax",
+    "Calibrator",
+    "MSE",
+    "MinMax",
+    "Percentile",
+    "RangeEMA",
+    "ema_init",
+    "ema_update",
+]

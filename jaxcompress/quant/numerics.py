@@ -1,0 +1,723 @@
+"""Quantization numerics: formats, granularities, quantize and dequantize.
+
+A quantized tensor is a ``QArray``: the low-precision values (a real ``int8``,
+``int4`` or ``float8`` array) plus a float32 ``scale`` and, for asymmetric
+integer formats, an integer ``zero_point``::
+
+    x ~= (values - zero_point) * scale
+
+- ``Format`` says what the values are: integers of 2 to 8 bits (symmetric or
+  with a zero point, optionally narrow range), or ``float8_e4m3fn`` /
+  ``float8_e5m2``.
+- A granularity says which elements share a scale: ``PerTensor()``,
+  ``PerChannel(axis=-1)`` (one scale per index of ``axis``), or
+  ``PerGroup(size=128, axis=-2)`` (groups of ``size`` consecutive elements
+  along the reduction axis ``axis``, one scale per group and per index of every
+  other axis).
+
+A scale always has the rank of the tensor it belongs to: size 1 on the axes it
+is shared over, the full size on the axes it follows, and the number of groups
+on a ``PerGroup`` axis (``(in, out)`` kernel, ``PerGroup(128, axis=0)``:
+scale ``(in // 128, out)``). ``expand_scale`` broadcasts it back.
+
+Integer rounding is round-half-to-even (``jnp.round``) or stochastic
+(``floor(y + u)``, ``u ~ U[0, 1)`` drawn by ``jax.random.uniform(key, x.shape)``).
+Float8 rounding is the round-to-nearest-even cast, or stochastic rounding to one
+of the two neighbouring float8 values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Rounding = Literal["nearest", "stochastic"]
+
+_FLOAT8 = {"float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
+_DTYPES = ("int",) + tuple(_FLOAT8)
+_ROUNDINGS = ("nearest", "stochastic")
+
+
+# --------------------------------------------------------------------------
+# Formats.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Format:
+  """What quantized values are: integers of ``bits`` bits, or float8.
+
+  Integer grids (``qmin``/``qmax``):
+
+  - symmetric: ``[-2**(bits-1), 2**(bits-1) - 1]``, the scale maps the
+    absolute maximum to ``2**(bits-1) - 1``; narrow range drops ``-2**(bits-1)``;
+  - asymmetric: the same grid, shifted by an integer zero point so that the
+    range ``[min(x, 0), max(x, 0)]`` covers it; zero is always exactly
+    representable (it maps to the zero point).
+
+  Values of 2 to 4 bits are stored as ``jnp.int4``, 5 to 8 bits as ``jnp.int8``.
+  Float8 formats are symmetric; the scale maps the absolute maximum to the
+  largest finite float8 value.
+
+  Fields are checked by ``check`` (called by ``quantize`` and by every stage's
+  ``init``, which names the leaf path).
+
+  Args:
+    dtype: ``"int"``, ``"float8_e4m3fn"`` or ``"float8_e5m2"``.
+    bits: integer width, 2 to 8 (ignored for float8).
+    symmetric: no zero point (integers; float8 is always symmetric).
+    narrow_range: drop the most negative integer so the grid is symmetric
+      around zero (``[-127, 127]`` for 8 bits).
+
+  Example:
+    >>> from jaxcompress.quant.numerics import Format
+    >>> f = Format(bits=4)
+    >>> f.qmin, f.qmax, f.storage_dtype
+    (-8, 7, dtype(int4))
+    >>> Format(bits=8, narrow_range=True).qmin
+    -127
+  """
+
+  dtype: str = "int"
+  bits: int = 8
+  symmetric: bool = True
+  narrow_range: bool = False
+
+  @property
+  def is_float(self) -> bool:
+    """True for the float8 formats."""
+    return self.dtype in _FLOAT8
+
+  @property
+  def storage_dtype(self) -> np.dtype:
+    """The dtype ``QArray.values`` are stored in."""
+    if self.is_float:
+      return np.dtype(_FLOAT8[self.dtype])
+    return np.dtype(jnp.int4 if self.bits <= 4 else jnp.int8)
+
+  @property
+  def qmin(self) -> int | float:
+    """The smallest grid value (``-max finite`` for float8)."""
+    if self.is_float:
+      return -float(jnp.finfo(_FLOAT8[self.dtype]).max)
+    return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+  @property
+  def qmax(self) -> int | float:
+    """The largest grid value (the largest finite value for float8)."""
+    if self.is_float:
+      return float(jnp.finfo(_FLOAT8[self.dtype]).max)
+    return 2 ** (self.bits - 1) - 1
+
+  def check(self, path: str = "<array>") -> None:
+    """Raises ``ValueError``/``TypeError`` naming ``path`` if a field is invalid.
+
+    Args:
+      path: the leaf path, for the message.
+
+    Returns:
+      None.
+
+    Example:
+      >>> from jaxcompress.quant.numerics import Format
+      >>> Format(bits=9).check("Dense_0/kernel")
+      Traceback (most recent call last):
+      ...
+      ValueError: Dense_0/kernel: bits=9 is not supported; integer quantization takes bits from 2 to 8 ...
+    """
+    if self.dtype not in _DTYPES:
+      raise ValueError(
+          f"{path}: unknown quantization dtype {self.dtype!r}; use one of {list(_DTYPES)} "
+          "(integers take their width from `bits`)."
+      )
+    if self.is_float:
+      if not self.symmetric:
+        raise ValueError(
+            f"{path}: dtype={self.dtype!r} with symmetric=False; float8 quantization is "
+            "symmetric only: pass symmetric=True, or use dtype='int' for a zero point."
+        )
+      return
+    if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
+      raise TypeError(f"{path}: bits must be an int from 2 to 8, got {self.bits!r}.")
+    if not 2 <= self.bits <= 8:
+      raise ValueError(
+          f"{path}: bits={self.bits} is not supported; integer quantization takes bits "
+          "from 2 to 8 (use dtype='float8_e4m3fn' or 'float8_e5m2' for 8-bit floats, or "
+          "leave the leaf unquantized for wider formats)."
+      )
+
+
+# --------------------------------------------------------------------------
+# Granularities.
+# --------------------------------------------------------------------------
+
+
+def _norm_axis(axis: int, ndim: int) -> int:
+  return axis + ndim if axis < 0 else axis
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Granularity:
+  """Base class of the granularities: which elements share one scale."""
+
+  def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the scale of a tensor of ``shape`` (same rank)."""
+    raise NotImplementedError
+
+  def check(self, shape: tuple[int, ...], path: str = "<array>") -> None:
+    """Raises ``ValueError`` naming ``path`` if ``shape`` does not fit."""
+    del shape, path
+
+  def _blocks(self, x: Array) -> tuple[Array, tuple[int, ...]]:
+    """A view of ``x`` and the axes of it that one scale is shared over."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerTensor(Granularity):
+  """One scale for the whole tensor.
+
+  Example:
+    >>> from jaxcompress.quant.numerics import PerTensor
+    >>> PerTensor().scale_shape((16, 32))
+    (1, 1)
+  """
+
+  def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (1,) * len(shape)
+
+  def _blocks(self, x: Array) -> tuple[Array, tuple[int, ...]]:
+    return x, tuple(range(x.ndim))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerChannel(Granularity):
+  """One scale per index of ``axis`` (the output channels), shared over the rest.
+
+  Args:
+    axis: the channel axis, or a tuple of axes (one scale per combination).
+      Flax kernels keep output features last: the default ``-1``.
+
+  Example:
+    >>> from jaxcompress.quant.numerics import PerChannel
+    >>> PerChannel().scale_shape((16, 32))
+    (1, 32)
+    >>> PerChannel(axis=0).scale_shape((16, 32))
+    (16, 1)
+  """
+
+  axis: int | tuple[int, ...] = -1
+
+  def _axes(self, ndim: int) -> tuple[int, ...]:
+    axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+    return tuple(_norm_axis(a, ndim) for a in axes)
+
+  def check(self, shape: tuple[int, ...], path: str = "<array>") -> None:
+    axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+    for a in axes:
+      if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -len(shape) <= a < len(shape):
+        raise ValueError(
+            f"{path}: PerChannel(axis={self.axis!r}) does not fit a tensor of shape "
+            f"{tuple(shape)}; pass an axis in [-{len(shape)}, {len(shape) - 1}] "
+            "(or PerTensor() for scalars)."
+        )
+
+  def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    keep = self._axes(len(shape))
+    return tuple(s if i in keep else 1 for i, s in enumerate(shape))
+
+  def _blocks(self, x: Array) -> tuple[Array, tuple[int, ...]]:
+    keep = self._axes(x.ndim)
+    return x, tuple(i for i in range(x.ndim) if i not in keep)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerGroup(Granularity):
+  """One scale per group of ``size`` consecutive elements along ``axis``.
+
+  Groups run along the reduction axis (``in`` of a ``(in, out)`` Dense kernel or
+  of a ``(h, w, in, out)`` Conv kernel: the default ``-2``); every index of
+  the other axes has its own scales.
+
+  Args:
+    size: elements per group; must divide the size of ``axis``.
+    axis: the axis split into groups.
+
+  Example:
+    >>> from jaxcompress.quant.numerics import PerGroup
+    >>> PerGroup(size=4).scale_shape((16, 32))
+    (4, 32)
+  """
+
+  size: int
+  axis: int = -2
+
+  def check(self, shape: tuple[int, ...], path: str = "<array>") -> None:
+    if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
+      raise ValueError(f"{path}: PerGroup(size={self.size!r}) needs a positive integer size.")
+    if isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer)) or not (
+        -len(shape) <= self.axis < len(shape)
+    ):
+      raise ValueError(
+          f"{path}: PerGroup(axis={self.axis!r}) does not fit a tensor of shape "
+          f"{tuple(shape)}; pass the reduction axis, in [-{len(shape)}, {len(shape) - 1}] "
+          "(or use PerTensor()/PerChannel() for this leaf)."
+      )
+    n = shape[self.axis]
+    if n % self.size:
+      divisors = [d for d in range(1, n + 1) if n % d == 0 and d <= 512]
+      raise ValueError(
+          f"{path}: PerGroup(size={self.size}) does not divide axis {self.axis} of size {n} "
+          f"(shape {tuple(shape)}); pick a group size that divides {n}, e.g. one of "
+          f"{divisors[-4:]}, or use PerChannel() for this leaf."
+      )
+
+  def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    a = _norm_axis(self.axis, len(shape))
+    return tuple(s // self.size if i == a else s for i, s in enumerate(shape))
+
+  def _blocks(self, x: Array) -> tuple[Array, tuple[int, ...]]:
+    a = _norm_axis(self.axis, x.ndim)
+    shape = x.shape[:a] + (x.shape[a] // self.size, self.size) + x.shape[a + 1 :]
+    return x.reshape(shape), (a + 1,)
+
+
+def check(fmt: Format, granularity: Granularity, shape: tuple[int, ...], path: str = "<array>") -> None:
+  """Checks a format and a granularity against a tensor shape.
+
+  Args:
+    fmt: the quantization format.
+    granularity: a ``PerTensor``, ``PerChannel`` or ``PerGroup``.
+    shape: the tensor's shape.
+    path: the leaf path, named in error messages.
+
+  Returns:
+    None; raises ``ValueError``/``TypeError`` naming ``path``, the bad value and
+    the fix.
+
+  Example:
+    >>> from jaxcompress.quant.numerics import Format, PerGroup, check
+    >>> check(Format(bits=4), PerGroup(size=48), (128, 8), "Dense_0/kernel")
+    Traceback (most recent call last):
+    ...
+    ValueError: Dense_0/kernel: PerGroup(size=48) does not divide axis -2 of size 128 ...
+  """
+  if not isinstance(fmt, Format):
+    raise TypeError(f"{path}: expected a quant Format, got {fmt!r}; e.g. Format(bits=8).")
+  fmt.check(path)
+  if not isinstance(granularity, Granularity) or type(granularity) is Granularity:
+    raise ValueError(
+        f"{path}: unknown granularity {granularity!r}; use PerTensor(), "
+        "PerChannel(axis=...) or PerGroup(size=..., axis=...)."
+    )
+  granularity.check(tuple(shape), path)
+
+
+# --------------------------------------------------------------------------
+# Scales.
+# --------------------------------------------------------------------------
+
+
+def reduce_blocks(x: Array, granularity: Granularity, fn: Callable[..., Array]) -> Array:
+  """Reduces ``x`` over the elements that share a scale.
+
+  Args:
+    x: the tensor.
+    granularity: which elements share a scale.
+    fn: a reduction called as ``fn(view, axis=axes, keepdims=True)`` (``jnp.max``,
+      ``jnp.sum``, ``functools.partial(jnp.quantile, q=0.99)``...).
+
+  Returns:
+    An array of shape ``granularity.scale_shape(x.shape)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import PerGroup, reduce_blocks
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> reduce_blocks(x, PerGroup(size=2, axis=0), jnp.max).tolist()
+    [[2.0, 3.0], [6.0, 7.0]]
+  """
+  view, axes = granularity._blocks(x)
+  out = fn(view, axis=axes, keepdims=True)
+  return out.reshape(granularity.scale_shape(x.shape))
+
+
+def expand_scale(scale: Array, shape: tuple[int, ...], granularity: Granularity) -> Array:
+  """Broadcasts a scale (or zero point) to be elementwise-compatible with ``shape``.
+
+  Args:
+    scale: an array of shape ``granularity.scale_shape(shape)``.
+    shape: the tensor's shape.
+    granularity: the granularity the scale was made for.
+
+  Returns:
+    ``scale`` repeated along a ``PerGroup`` axis, else ``scale`` itself (it
+    already broadcasts).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import PerGroup, expand_scale
+    >>> expand_scale(jnp.array([[1.0], [2.0]]), (4, 1), PerGroup(size=2, axis=0)).ravel().tolist()
+    [1.0, 1.0, 2.0, 2.0]
+  """
+  if isinstance(granularity, PerGroup):
+    return jnp.repeat(scale, granularity.size, axis=_norm_axis(granularity.axis, len(shape)),
+                      total_repeat_length=shape[_norm_axis(granularity.axis, len(shape))])
+  return scale
+
+
+def _safe(r: Array) -> Array:
+  # A zero (or non-finite) range gives scale 1 / qmax instead of 0 or NaN.
+  return jnp.where((r > 0) & jnp.isfinite(r), r, jnp.ones_like(r))
+
+
+def scale_from_range(lo: Array, hi: Array, fmt: Format) -> tuple[Array, Array | None]:
+  """The scale (and zero point) that maps the range ``[lo, hi]`` onto the grid.
+
+  Symmetric: ``scale = max(|lo|, |hi|) * (1 / qmax)``. Asymmetric: the range is
+  first widened to include zero, then ``scale = (hi - lo) * (1 / (qmax - qmin))`` and
+  ``zero_point = clip(round(qmin - lo / scale), qmin, qmax)``, so that zero is
+  exactly representable. The reciprocal is a float32 constant (compilers turn a
+  division by a constant into that product anyway; this makes it the definition).
+  An empty range (all zeros) gives ``scale = 1 / qmax`` (or ``1 / (qmax - qmin)``),
+  never zero or NaN.
+
+  Args:
+    lo: lower ends of the ranges (any shape; for symmetric formats only
+      ``max(|lo|, |hi|)`` matters).
+    hi: upper ends, same shape.
+    fmt: the format.
+
+  Returns:
+    ``(scale, zero_point)``: float32 arrays of ``lo``'s shape; ``zero_point`` is
+    ``None`` for symmetric formats, else integer-valued in the storage dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import Format, scale_from_range
+    >>> s, z = scale_from_range(jnp.array(-1.0), jnp.array(3.0), Format(bits=8, symmetric=False))
+    >>> round(float(s) * 255, 4), int(z)
+    (4.0, -64)
+  """
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  if fmt.symmetric:
+    r = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return _safe(r) * jnp.float32(1.0 / fmt.qmax), None
+  lo = jnp.minimum(lo, 0.0)
+  hi = jnp.maximum(hi, 0.0)
+  scale = _safe(hi - lo) * jnp.float32(1.0 / (fmt.qmax - fmt.qmin))
+  zp = jnp.clip(jnp.round(jnp.float32(fmt.qmin) - lo / scale), fmt.qmin, fmt.qmax)
+  return scale, zp.astype(fmt.storage_dtype)
+
+
+def compute_scale(
+    x: Array, fmt: Format, granularity: Granularity
+) -> tuple[Array, Array | None]:
+  """The dynamic scale (and zero point) of ``x``: its absmax, or its min/max.
+
+  Args:
+    x: the tensor.
+    fmt: the format.
+    granularity: which elements share a scale.
+
+  Returns:
+    ``(scale, zero_point)`` of shape ``granularity.scale_shape(x.shape)``, as
+    ``scale_from_range`` gives them.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import Format, PerChannel, compute_scale
+    >>> s, z = compute_scale(jnp.array([[1.0, -2.0], [-0.5, 0.0]]), Format(bits=8), PerChannel())
+    >>> (s * 127).tolist(), z
+    ([[1.0, 2.0]], None)
+  """
+  xf = x.astype(jnp.float32)
+  if fmt.symmetric:
+    r = reduce_blocks(jnp.abs(xf), granularity, jnp.max)
+    return scale_from_range(-r, r, fmt)
+  lo = reduce_blocks(xf, granularity, jnp.min)
+  hi = reduce_blocks(xf, granularity, jnp.max)
+  return scale_from_range(lo, hi, fmt)
+
+
+# --------------------------------------------------------------------------
+# Rounding onto the grid.
+# --------------------------------------------------------------------------
+
+
+def _float8_stochastic(y: Array, dtype: Any, u: Array) -> Array:
+  info = jnp.finfo(dtype)
+  _, e = jnp.frexp(y)  # |y| in [2**(e-1), 2**e)
+  exp = jnp.maximum(e - 1, int(info.minexp)) - int(info.nmant)
+  ulp = jnp.ldexp(jnp.ones_like(y), exp)
+  return jnp.floor(y / ulp + u) * ulp
+
+
+def to_grid(
+    y: Array,
+    fmt: Format,
+    *,
+    rounding: Rounding = "nearest",
+    key: Array | None = None,
+) -> Array:
+  """Rounds scaled values ``y = x / scale (+ zero_point)`` onto the format's grid.
+
+  Args:
+    y: float32 scaled values.
+    fmt: the format.
+    rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (unbiased:
+      ``floor(y / ulp + u) * ulp`` with ``u = jax.random.uniform(key, y.shape)``;
+      ``ulp = 1`` for integers).
+    key: PRNG key, required for stochastic rounding.
+
+  Returns:
+    float32 values on the grid, clipped to ``[qmin, qmax]`` (exactly
+    representable in ``fmt.storage_dtype``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import Format, to_grid
+    >>> to_grid(jnp.array([0.5, 1.5, -9.0, 2.4]), Format(bits=4)).tolist()
+    [0.0, 2.0, -8.0, 2.0]
+  """
+  if rounding not in _ROUNDINGS:
+    raise ValueError(f"unknown rounding {rounding!r}; use 'nearest' or 'stochastic'.")
+  y = y.astype(jnp.float32)
+  if rounding == "stochastic":
+    if key is None:
+      raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...).")
+    u = jax.random.uniform(key, y.shape, jnp.float32)
+    if fmt.is_float:
+      y = _float8_stochastic(y, _FLOAT8[fmt.dtype], u)
+    else:
+      y = jnp.floor(y + u)
+  elif fmt.is_float:
+    y = jnp.clip(y, fmt.qmin, fmt.qmax).astype(fmt.storage_dtype).astype(jnp.float32)
+  else:
+    y = jnp.round(y)
+  return jnp.clip(y, fmt.qmin, fmt.qmax)
+
+
+# --------------------------------------------------------------------------
+# The quantized array.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized tensor: ``x ~= (values - zero_point) * expand(scale)``.
+
+  A registered pytree: ``values``, ``scale`` and ``zero_point`` are its
+  children (so it passes through ``jax.jit`` and can be sharded), ``fmt``,
+  ``granularity`` and ``dtype`` are static.
+
+  Attributes:
+    values: the quantized values, in ``fmt.storage_dtype`` (``int8``, ``int4``,
+      ``float8_e4m3fn``, ``float8_e5m2``), shape of the original tensor.
+    scale: float32, shape ``granularity.scale_shape(values.shape)``.
+    zero_point: ``None`` for symmetric formats, else an integer array like
+      ``scale`` in the storage dtype.
+    fmt: the ``Format``.
+    granularity: the granularity.
+    dtype: the dtype of the original tensor (what ``dequantize`` returns).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import quantize
+    >>> q = quantize(jnp.array([[1.0, -2.0], [0.5, 4.0]]))
+    >>> q.values.dtype, q.scale.shape, q.shape
+    (dtype('int8'), (1, 2), (2, 2))
+  """
+
+  values: Array
+  scale: Array
+  zero_point: Array | None
+  fmt: Format = dataclasses.field(default_factory=Format)
+  granularity: Granularity = dataclasses.field(default_factory=lambda: PerChannel())
+  dtype: Any = np.dtype(np.float32)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Shape of the original tensor."""
+    return tuple(self.values.shape)
+
+  @property
+  def ndim(self) -> int:
+    """Rank of the original tensor."""
+    return len(self.values.shape)
+
+  def dequantize(self, dtype: Any = None) -> Array:
+    """Returns ``(values - zero_point) * scale`` in ``dtype`` (default: ``self.dtype``)."""
+    return dequantize(self, dtype)
+
+
+jax.tree_util.register_dataclass(
+    QArray, data_fields=["values", "scale", "zero_point"], meta_fields=["fmt", "granularity", "dtype"]
+)
+
+
+def quantize(
+    x: Array,
+    fmt: Format | None = None,
+    granularity: Granularity | None = None,
+    *,
+    scale: Array | None = None,
+    zero_point: Array | None = None,
+    rounding: Rounding = "nearest",
+    key: Array | None = None,
+) -> QArray:
+  """Quantizes ``x`` to real low-precision values plus scales.
+
+  ``values = clip(round(x / scale + zero_point), qmin, qmax)`` in
+  ``fmt.storage_dtype``, computed in float32.
+
+  Args:
+    x: the tensor (any float dtype).
+    fmt: the format; default ``Format()`` (int8 symmetric).
+    granularity: default ``PerChannel()`` (one scale per last-axis index).
+    scale: a fixed scale of shape ``granularity.scale_shape(x.shape)`` (from
+      calibration or learned); by default computed from ``x``
+      (``compute_scale``).
+    zero_point: the zero point with a given asymmetric ``scale``.
+    rounding: ``"nearest"`` or ``"stochastic"`` (see ``to_grid``).
+    key: PRNG key for stochastic rounding.
+
+  Returns:
+    A ``QArray``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import Format, PerTensor, quantize
+    >>> q = quantize(jnp.array([0.0, 1.0, -0.6, 3.5]), Format(bits=4), PerTensor())
+    >>> q.values.tolist(), q.scale.tolist()
+    ([0, 2, -1, 7], [0.5])
+    >>> q.dequantize().tolist()
+    [0.0, 1.0, -0.5, 3.5]
+  """
+  fmt = Format() if fmt is None else fmt
+  granularity = PerChannel() if granularity is None else granularity
+  check(fmt, granularity, tuple(x.shape))
+  if scale is None:
+    scale, zp = compute_scale(x, fmt, granularity)
+  else:
+    scale = jnp.asarray(scale, jnp.float32)
+    zp = zero_point
+    if not fmt.symmetric and zp is None:
+      raise ValueError("an asymmetric format with a given scale needs its zero_point as well.")
+    if fmt.symmetric:
+      zp = None
+  want = granularity.scale_shape(tuple(x.shape))
+  if tuple(scale.shape) != want:
+    raise ValueError(
+        f"scale of shape {tuple(scale.shape)} does not fit {granularity!r} on a tensor of shape "
+        f"{tuple(x.shape)}; expected shape {want}."
+    )
+  y = x.astype(jnp.float32) / expand_scale(scale, x.shape, granularity)
+  if zp is not None:
+    y = y + expand_scale(zp, x.shape, granularity).astype(jnp.float32)
+  values = to_grid(y, fmt, rounding=rounding, key=key).astype(fmt.storage_dtype)
+  if zp is not None:
+    zp = jnp.asarray(zp).astype(fmt.storage_dtype)
+  return QArray(values, scale, zp, fmt, granularity, np.dtype(x.dtype))
+
+
+def dequantize(q: QArray, dtype: Any = None) -> Array:
+  """The float tensor a ``QArray`` stands for: ``(values - zero_point) * scale``.
+
+  Computed in float32, then cast to ``dtype``.
+
+  Args:
+    q: the quantized array.
+    dtype: output dtype; default the dtype of the tensor that was quantized.
+
+  Returns:
+    An array of ``q.shape``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import dequantize, quantize
+    >>> x = jnp.array([[0.5, -1.0], [1.0, 2.0]], jnp.bfloat16)
+    >>> y = dequantize(quantize(x))
+    >>> y.dtype, bool(jnp.abs(y - x).max() < 0.02)
+    (dtype(bfloat16), True)
+  """
+  v = q.values.astype(jnp.float32)
+  if q.zero_point is not None:
+    v = v - expand_scale(q.zero_point, q.shape, q.granularity).astype(jnp.float32)
+  out = v * expand_scale(q.scale, q.shape, q.granularity)
+  return out.astype(q.dtype if dtype is None else dtype)
+
+
+def fake_quant(
+    x: Array,
+    fmt: Format | None = None,
+    granularity: Granularity | None = None,
+    *,
+    scale: Array | None = None,
+    zero_point: Array | None = None,
+    rounding: Rounding = "nearest",
+    key: Array | None = None,
+) -> Array:
+  """``dequantize(quantize(x, ...))`` in ``x.dtype``, without a gradient rule.
+
+  Rounding has a zero derivative; for training use the estimators in
+  ``jaxcompress.quant.ste``.
+
+  Args:
+    x, fmt, granularity, scale, zero_point, rounding, key: as for ``quantize``.
+
+  Returns:
+    An array like ``x`` holding grid values times the scale.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import Format, PerTensor, fake_quant
+    >>> fake_quant(jnp.array([0.1, 1.0]), Format(bits=2), PerTensor()).tolist()
+    [0.0, 1.0]
+  """
+  return dequantize(
+      quantize(x, fmt, granularity, scale=scale, zero_point=zero_point, rounding=rounding, key=key)
+  )
+
+
+def num_bits(fmt: Format) -> int:
+  """Bits per stored value (8 for float8).
+
+  Args:
+    fmt: the format.
+
+  Returns:
+    ``fmt.bits`` for integers, 8 for float8.
+
+  Example:
+    >>> from jaxcompress.quant.numerics import Format, num_bits
+    >>> num_bits(Format(bits=3)), num_bits(Format(dtype="float8_e5m2"))
+    (3, 8)
+  """
+  return 8 if fmt.is_float else int(fmt.bits)
+
+
+__all__ = [
+    "Format",
+    "Granularity",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "QArray",
+    "check",
+    "compute_scale",
+    "dequantize",
+    "expand_scale",
+    "fake_quant",
+    "num_bits",
+    "quantize",
+    "reduce_blocks",
+    "scale_from_range",
+    "to_grid",
+]

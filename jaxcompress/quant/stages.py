@@ -1,0 +1,235 @@
+"""Weight quantization stages for ``jc.Spec``: fake quantization and LSQ.
+
+- ``FakeQuant``: the weight is quantized and dequantized in the forward pass;
+  the backward pass is a straight-through estimator. The scale is either
+  *dynamic* (computed from the current weight on every ``apply``) or *static*
+  (calibrated at ``init``, kept in the state, and optionally re-calibrated by
+  ``spec.update`` with an exponential moving average).
+- ``LSQ``: learned step size quantization; the steps are trainable leaves of
+  the spec's ``trainable`` tree (``Compressed.params["step"]``), updated by the
+  optimizer like any weight.
+
+Both keep the weight's dtype and compose after pruning: a pruned zero stays an
+exact zero, since zero is on every grid (symmetric grids map 0 to 0; asymmetric
+ones use an integer zero point). Mixed precision is one rule per precision::
+
+    spec = jc.Spec([
+        jc.Rule(r"Dense_0/kernel", [jc.quant.FakeQuant(bits=8)]),
+        jc.Rule(r".*kernel", [jc.prune.magnitude(sparsity=0.5),
+                              jc.quant.FakeQuant(bits=4, granularity=jc.quant.PerGroup(size=32))]),
+    ])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.core.stage import Stage, UpdateContext
+from jaxcompress.quant import calibration as _cal
+from jaxcompress.quant import numerics, ste
+from jaxcompress.quant.numerics import Format, Granularity, PerChannel
+
+Array = jax.Array
+_RANGES = ("dynamic", "static")
+
+
+class QuantState(NamedTuple):
+  """State of a leaf with static scales.
+
+  Attributes:
+    scale: float32, shape ``granularity.scale_shape(weight.shape)``.
+    zero_point: the integer zero point (asymmetric formats) or ``None``.
+    ranges: the moving average of the calibrated ranges.
+  """
+
+  scale: Array
+  zero_point: Array | None
+  ranges: _cal.RangeEMA
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Quantizer(Stage):
+  """Fields shared by the quantization stages."""
+
+  bits: int = 8
+  dtype: str = "int"
+  symmetric: bool = True
+  narrow_range: bool = False
+  granularity: Granularity = dataclasses.field(default_factory=PerChannel)
+
+  @property
+  def fmt(self) -> Format:
+    """The ``numerics.Format`` of this stage."""
+    return Format(dtype=self.dtype, bits=self.bits, symmetric=self.symmetric,
+                  narrow_range=self.narrow_range)
+
+  def _check(self, value: Any, path: str) -> None:
+    numerics.check(self.fmt, self.granularity, tuple(value.shape), path)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FakeQuant(_Quantizer):
+  """Fake-quantizes a weight: ``apply`` gives ``dequantize(quantize(w))``.
+
+  Args:
+    bits: integer width, 2 to 8 (ignored for float8).
+    dtype: ``"int"``, ``"float8_e4m3fn"`` or ``"float8_e5m2"``.
+    symmetric: no zero point (float8 is always symmetric).
+    narrow_range: drop the most negative integer.
+    granularity: ``PerTensor()``, ``PerChannel(axis=-1)`` (default) or
+      ``PerGroup(size=..., axis=-2)``.
+    calibration: how ranges are chosen: ``AbsMax()`` (default), ``MinMax()``,
+      ``Percentile(q)``, ``MSE()``.
+    ranges: ``"dynamic"``: calibrate the current weight on every ``apply``
+      (no state); ``"static"``: calibrate at ``init`` and keep the scale in the
+      state.
+    update_every: static ranges only; re-calibrate on every this many
+      ``spec.update`` steps (0: never, the scale stays fixed).
+    decay: static ranges only; moving-average decay of re-calibrated ranges
+      (0: take the latest).
+    estimator: ``"identity"`` or ``"clipped"`` straight-through gradient.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> spec = jc.Spec([jc.Rule("w", [jc.quant.FakeQuant(bits=4, granularity=jc.quant.PerTensor())])])
+    >>> t, s = spec.init({"w": jnp.array([0.0, 0.3, -1.0, 3.5])})
+    >>> spec.apply(t, s)["w"].tolist()
+    [0.0, 0.5, -1.0, 3.5]
+  """
+
+  name: ClassVar[str] = "quant"
+
+  calibration: _cal.Calibrator = dataclasses.field(default_factory=_cal.AbsMax)
+  ranges: Literal["dynamic", "static"] = "dynamic"
+  update_every: int = 1
+  decay: float = 0.0
+  estimator: ste.Estimator = "identity"
+
+  def __post_init__(self):
+    if not isinstance(self.calibration, _cal.Calibrator):
+      raise TypeError(
+          f"FakeQuant: calibration must be a Calibrator such as jc.quant.AbsMax() or "
+          f"jc.quant.MSE(), got {self.calibration!r}."
+      )
+    if self.ranges not in _RANGES:
+      raise ValueError(f"FakeQuant: ranges={self.ranges!r}; use 'dynamic' or 'static'.")
+    if self.estimator not in ste._ESTIMATORS:
+      raise ValueError(f"FakeQuant: estimator={self.estimator!r}; use 'identity' or 'clipped'.")
+    _check_int("FakeQuant: update_every", self.update_every, 0)
+    if not 0.0 <= self.decay < 1.0:
+      raise ValueError(f"FakeQuant: decay={self.decay!r} must lie in [0, 1), e.g. 0.9.")
+
+  def _calibrate(self, value: Array) -> tuple[Array, Array]:
+    return self.calibration(jax.lax.stop_gradient(value), self.fmt, self.granularity)
+
+  def init(self, value, *, path, key):
+    del key
+    self._check(value, path)
+    if self.ranges == "dynamic":
+      return None, None
+    lo, hi = self._calibrate(value)
+    scale, zp = numerics.scale_from_range(lo, hi, self.fmt)
+    ema = _cal.ema_update(_cal.ema_init(lo.shape), lo, hi, self.decay)
+    return None, QuantState(scale, zp, ema)
+
+  def apply(self, value, params, state):
+    del params
+    if state is None:
+      scale, zp = numerics.scale_from_range(*self._calibrate(value), self.fmt)
+    else:
+      scale, zp = state.scale, state.zero_point
+    return ste.fake_quant_ste(
+        value, self.fmt, self.granularity, scale=scale, zero_point=zp, estimator=self.estimator
+    )
+
+  def update(self, value, params, state, ctx: UpdateContext):
+    if state is None or self.update_every == 0:
+      return value, params, state
+
+    def recalibrate(_):
+      lo, hi = self._calibrate(value)
+      ema = _cal.ema_update(state.ranges, lo, hi, self.decay)
+      scale, zp = numerics.scale_from_range(ema.lo, ema.hi, self.fmt)
+      return QuantState(scale, zp, ema)
+
+    due = ctx.step % self.update_every == 0
+    state = jax.lax.cond(due, recalibrate, lambda _: state, None)
+    return value, params, state
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSQ(_Quantizer):
+  """Learned step size quantization (Esser et al., 2020) of a weight.
+
+  The steps (one per block of the granularity) are trainable: the leaf's
+  trainable becomes ``Compressed(weight, {"step": steps})``. ``apply`` gives
+  ``clip(round(w / s), qmin, qmax) * s``; the step gradient is scaled by
+  ``grad_scale`` (default ``1 / sqrt(N * qmax)``, ``N`` elements per step).
+  Steps start at ``2 * mean(|w|) / sqrt(qmax)`` (the paper's choice) or from a
+  calibrator. Symmetric integer formats only. Steps below ``min_step`` are
+  clamped in ``apply``.
+
+  Args:
+    bits: 2 to 8.
+    narrow_range: drop the most negative integer.
+    granularity: ``PerTensor()``, ``PerChannel()`` (default) or ``PerGroup(...)``.
+    init_calibration: ``None`` for the paper's initial step, or a calibrator
+      whose scale is the initial step (e.g. ``MSE()``).
+    grad_scale: the step-gradient factor; ``None`` for LSQ's ``1/sqrt(N*qmax)``.
+    min_step: the smallest step ``apply`` uses.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> spec = jc.Spec([jc.Rule("w", [jc.quant.LSQ(bits=4)])])
+    >>> t, s = spec.init({"w": jnp.ones((8, 2))})
+    >>> t["w"].params["step"].shape
+    (1, 2)
+    >>> g = jax.grad(lambda t: spec.apply(t, s)["w"].sum())(t)
+    >>> g["w"].params["step"].shape
+    (1, 2)
+  """
+
+  name: ClassVar[str] = "step"
+
+  init_calibration: _cal.Calibrator | None = None
+  grad_scale: float | None = None
+  min_step: float = 1e-8
+
+  def __post_init__(self):
+    if self.init_calibration is not None and not isinstance(self.init_calibration, _cal.Calibrator):
+      raise TypeError(
+          f"LSQ: init_calibration must be None or a Calibrator such as jc.quant.MSE(), "
+          f"got {self.init_calibration!r}."
+      )
+    if self.dtype != "int" or not self.symmetric:
+      raise ValueError(
+          f"LSQ: dtype={self.dtype!r}, symmetric={self.symmetric!r}; LSQ learns the step of a "
+          "symmetric integer grid: use dtype='int', symmetric=True (or FakeQuant for others)."
+      )
+
+  def init(self, value, *, path, key):
+    del key
+    self._check(value, path)
+    v = jax.lax.stop_gradient(value)
+    if self.init_calibration is None:
+      step = ste.lsq_init_step(v, self.fmt, self.granularity)
+    else:
+      step, _ = self.init_calibration.scale(v, self.fmt, self.granularity)
+    return step, None
+
+  def apply(self, value, params, state):
+    del state
+    step = jnp.maximum(params, jnp.float32(self.min_step))
+    return ste.lsq_fake_quant(value, step, self.fmt, self.granularity, grad_scale=self.grad_scale)
+
+
+__all__ = ["FakeQuant", "LSQ", "QuantState"]

@@ -1,0 +1,81 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcompress as jc
+from tests.prune.reference import block_mask, erk_sparsities, keep_topk, keep_topk_many, n_keep
+
+SHAPES = {"a": (40, 30), "b": (30, 10), "c": (10, 4), "conv": (3, 3, 4, 8)}
+
+
+def params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def masks(stage, p, step=None):
+  spec = jc.Spec([jc.Rule("a|b|c|conv", [stage])])
+  t, s = jax.jit(spec.init)(jax.tree.map(jnp.asarray, p))
+  if step is not None:
+    t, s = jax.jit(spec.update)(t, s, step)
+  return {k: np.asarray(s[k].stages["prune"].mask) for k in SHAPES}
+
+
+def test_uniform_prunes_every_leaf_to_the_target():
+  p = params(1)
+  got = masks(jc.prune.magnitude(sparsity=0.8), p)
+  for k, w in p.items():
+    np.testing.assert_array_equal(got[k], keep_topk(np.abs(w), n_keep(w.size, 0.8)))
+
+
+def test_global_uses_one_threshold_across_leaves():
+  p = params(2)
+  p["c"] = p["c"] * 10.0  # a leaf with larger weights keeps more under one threshold
+  got = masks(jc.prune.magnitude(sparsity=0.8, distribution=jc.prune.Global()), p)
+  total = sum(w.size for w in p.values())
+  expected = keep_topk_many([np.abs(p[k]) for k in SHAPES], n_keep(total, 0.8))
+  for k, e in zip(SHAPES, expected):
+    np.testing.assert_array_equal(got[k], e)
+  assert got["c"].mean() > 0.5 > got["a"].mean()
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.95])
+def test_erk_densities_match_the_rigl_algorithm(sparsity):
+  shapes = list(SHAPES.values())
+  got = np.asarray(jc.prune.ERK().densities(shapes, jnp.float32(sparsity)))
+  expected = 1.0 - np.asarray(erk_sparsities(shapes, sparsity))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  sizes = np.array([np.prod(s) for s in shapes])
+  np.testing.assert_allclose((got * sizes).sum() / sizes.sum(), 1.0 - sparsity, rtol=1e-5)
+
+
+def test_erk_with_dense_layers_and_power():
+  shapes = [(4, 4), (64, 64), (2, 100), (128, 64)]
+  for sparsity, power in [(0.9, 1.0), (0.99, 1.0), (0.9, 0.5), (0.3, 1.0)]:
+    got = np.asarray(jc.prune.ERK(power=power).densities(shapes, jnp.float32(sparsity)))
+    expected = 1.0 - np.asarray(erk_sparsities(shapes, sparsity, power))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  # The small layer is kept dense at 90%.
+  assert np.asarray(jc.prune.ERK().densities(shapes, jnp.float32(0.9)))[0] == 1.0
+  with pytest.raises(ValueError, match=r"ERK: power must be a non-negative number, got -1"):
+    jc.prune.ERK(power=-1)
+
+
+def test_erk_masks_keep_the_rounded_counts_and_follow_a_schedule():
+  p = params(3)
+  sched = jc.schedules.linear(0.0, 0.9, end_step=10)
+  got = masks(jc.prune.magnitude(sparsity=sched, distribution=jc.prune.ERK()), p, step=5)
+  sparsity = 0.45
+  for (k, w), s in zip(p.items(), erk_sparsities(list(SHAPES.values()), sparsity)):
+    np.testing.assert_array_equal(got[k], keep_topk(np.abs(w), int(np.round((1 - s) * w.size))))
+
+
+def test_erk_with_blocks_counts_blocks():
+  p = {"a": params(4)["a"], "b": params(4)["b"]}
+  spec = jc.Spec([jc.Rule("a|b", [jc.prune.magnitude(sparsity=0.8, structure=jc.prune.Block((2, 2)), distribution=jc.prune.ERK())])])
+  _, s = jax.jit(spec.init)(jax.tree.map(jnp.asarray, p))
+  for (k, w), sp in zip(p.items(), erk_sparsities([w.shape for w in p.values()], 0.8)):
+    n_blocks = w.size // 4
+    expected = block_mask(np.abs(w), (2, 2), int(np.round((1 - sp) * n_blocks)))
+    np.testing.assert_array_equal(np.asarray(s[k].stages["prune"].mask), expected)
