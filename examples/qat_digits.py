@@ -40,6 +40,7 @@ FLOAT_STEPS = 1500
 QAT_STEPS = 1000
 WEIGHT_BITS = 4
 INPUT_BITS = 8
+GRANULARITIES = {"per-channel": quant.PerChannel(), "per-tensor": quant.PerTensor()}
 
 
 class MLP(nn.Module):
@@ -101,9 +102,6 @@ def train(spec, params, loss_fn, x, y, steps, lr, seed):
     idx = rng.integers(0, len(x), BATCH)
     ts, _ = step(ts, (x[idx], y[idx]))
   return ts
-
-
-GRANULARITIES = {"per-channel": quant.PerChannel(), "per-tensor": quant.PerTensor()}
 
 
 def run(seed, x_train, x_test, y_train, y_test) -> dict:

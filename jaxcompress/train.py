@@ -161,7 +161,7 @@ def train_state_shardings(
     >>> tuple(sh.spec_state["w"].stages["prune"].mask.spec)
     (None, 'model')
   """
-  t_sh, s_sh = spec.shardings(params, param_shardings)
+  t_sh, s_sh = spec.shardings(params, param_shardings, key=key)
   mesh = jax.tree_util.tree_leaves(param_shardings)[0].mesh
   replicated = NamedSharding(mesh, PartitionSpec())
   t_abs, _ = jax.eval_shape(spec.init, params, key=key)

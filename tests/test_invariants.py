@@ -122,7 +122,7 @@ def test_sharded_matches_single_device(case):
   }
   p_sh = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), pspecs)
   params_sharded = jax.device_put(params, p_sh)
-  t_sh, s_sh = spec.shardings(params, p_sh)
+  t_sh, s_sh = spec.shardings(params, p_sh, key=key)
   init = jax.jit(spec.init, out_shardings=(t_sh, s_sh))
   t, s = init(params_sharded, key=key)
   for x, sh in zip(jax.tree_util.tree_leaves((t, s)), jax.tree_util.tree_leaves((t_sh, s_sh))):

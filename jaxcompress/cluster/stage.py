@@ -41,6 +41,14 @@ class ClusterState(NamedTuple):
       (0 for zero entries, which map to zero, not to a centroid).
     clustered: bool scalar; False before ``begin_step``, while the stage passes
       the weight through unchanged.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> spec = jc.Spec([jc.Rule("w", [jc.cluster.kmeans(bits=1)])])
+    >>> t, s = spec.init({"w": jnp.array([0.9, 1.1, 0.0, -2.0])})
+    >>> st = s["w"].stages["weight_sharing"]
+    >>> st.assignments.tolist(), bool(st.clustered)
+    ([1, 1, 0, 0], True)
   """
 
   assignments: Array

@@ -313,7 +313,8 @@ class Spec:
     return treedef.unflatten(out)
 
   def _rule_for_state(self, s: LeafState) -> Rule:
-    if not 0 <= s.rule < len(self.rules) or self.rules[s.rule].keys != tuple(s.stages):
+    # Compare as sets: a dict that went through jit comes back with sorted keys.
+    if not 0 <= s.rule < len(self.rules) or sorted(self.rules[s.rule].keys) != sorted(s.stages):
       raise ValueError(
           f"A leaf state has stages {tuple(s.stages)} from rule #{s.rule}, which this spec "
           "does not have: the state comes from a different spec."
@@ -456,7 +457,9 @@ class Spec:
         "  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows
     )
 
-  def shardings(self, params: PyTree, param_shardings: PyTree) -> tuple[PyTree, PyTree]:
+  def shardings(
+      self, params: PyTree, param_shardings: PyTree, *, key: jax.Array | None = None
+  ) -> tuple[PyTree, PyTree]:
     """Shardings of ``trainable`` and ``state`` derived from the params' shardings.
 
     A mask shares its param's ``PartitionSpec``; a per-channel scale keeps the
@@ -467,11 +470,12 @@ class Spec:
     Args:
       params: the params, or their abstract shapes (``jax.eval_shape`` output).
       param_shardings: a ``NamedSharding`` per param leaf (same structure).
+      key: the PRNG key ``init`` will get, for stages that need one at init.
 
     Returns:
       ``(trainable_shardings, state_shardings)``.
     """
-    t_abs, s_abs = jax.eval_shape(self.init, params)
+    t_abs, s_abs = jax.eval_shape(lambda p, k: self.init(p, key=k), params, key)
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     sh_leaves = treedef.flatten_up_to(param_shardings)
     t_leaves = treedef.flatten_up_to(t_abs)

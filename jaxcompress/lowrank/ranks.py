@@ -55,7 +55,13 @@ class RankRule:
   """Base class of the rank rules.
 
   A rule turns, for each leaf a stage owns, the leaf's full rank (and, when
-  ``needs_values``, its singular values) into a rank.
+  ``needs_values``, its singular values) into a rank. Subclasses override
+  ``select``.
+
+  Example:
+    >>> from jaxcompress import lowrank
+    >>> isinstance(lowrank.Energy(0.9), lowrank.RankRule), lowrank.Energy.needs_values
+    (True, True)
   """
 
   #: True when the rule reads singular values (so init needs concrete params).
@@ -118,6 +124,12 @@ class Fixed(RankRule):
 
   def for_path(self, path: str) -> RankValue:
     """The rank given for one leaf path.
+
+    Args:
+      path: the leaf path.
+
+    Returns:
+      The rank (an int, or a pair for Tucker-2).
 
     Example:
       >>> from jaxcompress import lowrank

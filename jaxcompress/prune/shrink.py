@@ -172,14 +172,13 @@ def shrink_dense_chain(
   acts = _activations(activation, len(chain) - 1)
   leaves = _leaf_map(params)
   layers = [_lookup(leaves, name) for name in chain]
-  for (a, (ka, _, _)), (b, (kb, _, _)) in zip(
-      zip(chain, layers), zip(chain[1:], layers[1:])
-  ):
+  for i in range(len(chain) - 1):
+    ka, kb = layers[i][0], layers[i + 1][0]
     if ka.shape[1] != kb.shape[0]:
       raise ValueError(
-          f"shrink_dense_chain: '{a}/kernel' has {ka.shape[1]} output features but "
-          f"'{b}/kernel' takes {kb.shape[0]} inputs ({ka.shape} then {kb.shape}); the chain "
-          "must list Dense layers that feed each other, in order."
+          f"shrink_dense_chain: '{chain[i]}/kernel' has {ka.shape[1]} output features but "
+          f"'{chain[i + 1]}/kernel' takes {kb.shape[0]} inputs ({ka.shape} then {kb.shape}); "
+          "the chain must list Dense layers that feed each other, in order."
       )
   keep = dict(keep or {})
   unknown = sorted(set(keep) - set(chain[:-1]))

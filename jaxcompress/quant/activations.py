@@ -107,10 +107,31 @@ class InputRule:
       )
 
   def matches(self, path: str) -> bool:
+    """Whether the rule selects the module at ``path``.
+
+    Args:
+      path: a module path, names joined by ``/``.
+
+    Returns:
+      ``re.fullmatch(pattern, path) is not None``.
+
+    Example:
+      >>> InputRule(pattern=r"block/Dense_\\d").matches("block/Dense_1")
+      True
+    """
     return re.fullmatch(self.pattern, path) is not None
 
   def dot_general(self) -> QuantizedDotGeneral:
-    """The ``dot_general`` of a real low-precision product (``matmul != "fake"``)."""
+    """The ``dot_general`` of a real low-precision product.
+
+    Returns:
+      ``int8_dot_general(bits=bits)`` for ``matmul="int8"``, else
+      ``fp8_dot_general()``.
+
+    Example:
+      >>> InputRule(pattern="Dense_0", matmul="int8").dot_general().dtype
+      'int8'
+    """
     if self.matmul == "int8":
       return int8_dot_general(bits=self.bits)
     return fp8_dot_general()
@@ -315,7 +336,20 @@ def quantize_inputs(rules: Sequence[InputRule] | InputRule, *, calibrate: bool =
 
 
 class InputRange(nnx.Variable):
-  """A calibrated static input range (not trained: optimizers select ``nnx.Param``)."""
+  """An NNX variable holding a calibrated static input range or its count.
+
+  Not an ``nnx.Param``: optimizers built over ``nnx.Param`` leave it alone, and
+  ``nnx.state(model, InputRange)`` selects every range of a model.
+
+  Args:
+    value: the array.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> r = InputRange(jnp.float32(2.5))
+    >>> float(r[...])
+    2.5
+  """
 
 
 class QuantizedInput(nnx.Module):
@@ -336,6 +370,18 @@ class QuantizedInput(nnx.Module):
       through unquantized.
     calibrate: update the static range on each call. Turn on with
       ``nnx.view(model, calibrate=True)``.
+
+  Args:
+    inner: the layer to wrap (``Linear``, ``LinearGeneral``, ``Conv``, ``Einsum``).
+    rule: the ``InputRule`` that selected it.
+    path: its path in the model, for messages.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = QuantizedInput(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), InputRule(pattern=""), "")
+    >>> layer(jnp.ones((3, 4))).shape
+    (3, 2)
   """
 
   def __init__(self, inner: nnx.Module, rule: InputRule, path: str):
@@ -353,7 +399,7 @@ class QuantizedInput(nnx.Module):
         if getattr(inner, "dot_general_cls", None) is not None:
           inner.dot_general_cls = None  # it would take precedence over dot_general
       elif isinstance(inner, nnx.Einsum):
-        inner.einsum_op = _EinsumWith(rule.dot_general())
+        inner.einsum_op = rule.dot_general().einsum
       else:
         raise ValueError(
             f"InputRule {rule.pattern!r}: module {path!r} is an nnx.{type(inner).__name__}, which "
@@ -367,6 +413,17 @@ class QuantizedInput(nnx.Module):
 
     Args:
       calibrate: update static ranges on each call, or not; ``None`` keeps it.
+
+    Returns:
+      None.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> q = quantize_nnx_inputs(nnx.Linear(4, 2, rngs=nnx.Rngs(0)),
+      ...                         InputRule(pattern="", ranges="static"))
+      >>> nnx.view(q, calibrate=True).calibrate, q.calibrate
+      (True, False)
     """
     if calibrate is not None:
       self.calibrate = calibrate
@@ -383,16 +440,6 @@ class QuantizedInput(nnx.Module):
       xq = jnp.where(self.count[...] > 0, _quant_static(x, self.absmax[...], self.rule.bits), x)
     args, kwargs = rebuild(xq)
     return self.inner(*args, **kwargs)
-
-
-@dataclasses.dataclass(frozen=True)
-class _EinsumWith:
-  """``jnp.einsum`` with its products run by a given ``dot_general``."""
-
-  dot_general: QuantizedDotGeneral
-
-  def __call__(self, subscripts, *operands, **kwargs):
-    return jnp.einsum(subscripts, *operands, _dot_general=self.dot_general, **kwargs)
 
 
 def quantize_nnx_inputs(model: nnx.Module, rules: Sequence[InputRule] | InputRule) -> nnx.Module:

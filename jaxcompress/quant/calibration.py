@@ -202,6 +202,24 @@ class MSE(Calibrator):
     return lo0 * best, hi0 * best
 
 
+def default_calibrator(fmt: Format) -> Calibrator:
+  """``AbsMax()`` for symmetric formats, ``MinMax()`` for asymmetric ones.
+
+  Args:
+    fmt: the format.
+
+  Returns:
+    The calibrator used when none is given.
+
+  Example:
+    >>> from jaxcompress.quant.calibration import default_calibrator
+    >>> from jaxcompress.quant.numerics import Format
+    >>> default_calibrator(Format(symmetric=False))
+    MinMax()
+  """
+  return AbsMax() if fmt.symmetric else MinMax()
+
+
 # --------------------------------------------------------------------------
 # Moving averages of ranges.
 # --------------------------------------------------------------------------
@@ -280,6 +298,7 @@ __all__ = [
     "MinMax",
     "Percentile",
     "RangeEMA",
+    "default_calibrator",
     "ema_init",
     "ema_update",
 ]

@@ -57,6 +57,15 @@ class QuantizedDotGeneral:
       ``"float16"`` or ``"float32"`` gives it the fp8 values in that dtype
       instead (exact: every fp8 value is a value of these), for backends
       without fp8 matmuls such as XLA on CPU; the product is the same.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> dg = QuantizedDotGeneral(dtype="int8", bits=4)
+    >>> dg.fmt.qmin, dg.fmt.qmax
+    (-7, 7)
+    >>> y = dg(jnp.array([[7.0, -3.5]]), jnp.array([[1.0], [1.0]]), (((1,), (0,)), ((), ())))
+    >>> round(float(y[0, 0]), 4)  # -3.5 rounds to -4 (half to even): 7 - 4
+    3.0
   """
 
   dtype: str = "int8"
@@ -140,6 +149,28 @@ class QuantizedDotGeneral:
     dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
     static = _Static(self, dn, _hashable(precision), preferred_element_type, out_sharding)
     return _quantized_dot(lhs, rhs, static)
+
+  def einsum(self, subscripts: str, *operands: Array, **kwargs: Any) -> Array:
+    """``jnp.einsum`` with its products run by this ``dot_general``.
+
+    Pass it as ``einsum_op=`` to ``flax.nnx.Einsum``.
+
+    Args:
+      subscripts: the einsum equation.
+      *operands: the arrays.
+      **kwargs: other ``jnp.einsum`` arguments (``precision``,
+        ``preferred_element_type``, ...).
+
+    Returns:
+      The einsum, with quantized products.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+      >>> int8_dot_general().einsum("btk,kn->btn", x, w)[0, 0, 0].tolist()
+      4.0
+    """
+    return jnp.einsum(subscripts, *operands, _dot_general=self, **kwargs)
 
 
 def int8_dot_general(

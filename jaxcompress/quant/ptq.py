@@ -59,7 +59,8 @@ def quantize_params(
       (``Dense_0/kernel``); the leaves it selects are quantized.
     bits, dtype, symmetric, narrow_range: the format (see ``numerics.Format``).
     granularity: default ``PerChannel()``.
-    calibration: default ``AbsMax()``; ``MSE()`` searches clipping ratios.
+    calibration: default ``AbsMax()`` (``MinMax()`` when asymmetric); ``MSE()``
+      searches clipping ratios.
 
   Returns:
     The tree with a ``QArray`` at every selected leaf (other leaves unchanged).
@@ -76,7 +77,7 @@ def quantize_params(
   """
   fmt = _fmt(bits, dtype, symmetric, narrow_range)
   granularity = PerChannel() if granularity is None else granularity
-  calibration = _cal.AbsMax() if calibration is None else calibration
+  calibration = _cal.default_calibrator(fmt) if calibration is None else calibration
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [path_str(p) for p, _ in flat]
   selected = [re.fullmatch(pattern, p) is not None for p in paths]
@@ -271,7 +272,8 @@ def gptq(
     granularity: ``PerChannel()`` (default, one scale per output), ``PerTensor()``
       or ``PerGroup(size=g, axis=0)`` (``g`` input rows per scale; each group's
       scale is taken from the rows as GPTQ has updated them).
-    calibration: how scales are chosen from the weights (default ``AbsMax()``).
+    calibration: how scales are chosen from the weights (default ``AbsMax()``,
+      ``MinMax()`` when asymmetric).
     damp: dampening, a fraction of the mean diagonal of ``H`` added to it.
     block_size: rows per lazy batch (the group size when grouped; otherwise the
       largest divisor of ``in`` not above it).
@@ -292,7 +294,7 @@ def gptq(
   """
   fmt = _fmt(bits, dtype, symmetric, narrow_range)
   granularity = PerChannel() if granularity is None else granularity
-  calibration = _cal.AbsMax() if calibration is None else calibration
+  calibration = _cal.default_calibrator(fmt) if calibration is None else calibration
   _check_gptq(w, x, fmt, granularity, path)
   if not 0.0 <= damp:
     raise ValueError(f"{path}: damp={damp!r} must be >= 0 (a fraction of mean(diag(H)), e.g. 0.01).")

@@ -87,8 +87,9 @@ class FakeQuant(_Quantizer):
     narrow_range: drop the most negative integer.
     granularity: ``PerTensor()``, ``PerChannel(axis=-1)`` (default) or
       ``PerGroup(size=..., axis=-2)``.
-    calibration: how ranges are chosen: ``AbsMax()`` (default), ``MinMax()``,
-      ``Percentile(q)``, ``MSE()``.
+    calibration: how ranges are chosen: ``AbsMax()``, ``MinMax()``,
+      ``Percentile(q)``, ``MSE()``; default ``AbsMax()`` for symmetric formats,
+      ``MinMax()`` for asymmetric ones.
     ranges: ``"dynamic"``: calibrate the current weight on every ``apply``
       (no state); ``"static"``: calibrate at ``init`` and keep the scale in the
       state.
@@ -108,14 +109,14 @@ class FakeQuant(_Quantizer):
 
   name: ClassVar[str] = "quant"
 
-  calibration: _cal.Calibrator = dataclasses.field(default_factory=_cal.AbsMax)
+  calibration: _cal.Calibrator | None = None
   ranges: Literal["dynamic", "static"] = "dynamic"
   update_every: int = 1
   decay: float = 0.0
   estimator: ste.Estimator = "identity"
 
   def __post_init__(self):
-    if not isinstance(self.calibration, _cal.Calibrator):
+    if self.calibration is not None and not isinstance(self.calibration, _cal.Calibrator):
       raise TypeError(
           f"FakeQuant: calibration must be a Calibrator such as jc.quant.AbsMax() or "
           f"jc.quant.MSE(), got {self.calibration!r}."
@@ -129,7 +130,8 @@ class FakeQuant(_Quantizer):
       raise ValueError(f"FakeQuant: decay={self.decay!r} must lie in [0, 1), e.g. 0.9.")
 
   def _calibrate(self, value: Array) -> tuple[Array, Array]:
-    return self.calibration(jax.lax.stop_gradient(value), self.fmt, self.granularity)
+    cal = _cal.default_calibrator(self.fmt) if self.calibration is None else self.calibration
+    return cal(jax.lax.stop_gradient(value), self.fmt, self.granularity)
 
   def init(self, value, *, path, key):
     del key

@@ -200,3 +200,17 @@ def test_update_masks_structure():
   m = spec.update_masks(t, s)
   assert m["a"]["kernel"].dtype == jnp.bool_ and m["a"]["bias"] is None
   assert m["b"]["kernel"].weight is None
+
+
+def test_state_after_jit_is_accepted_whatever_the_stage_order():
+  # dicts come back from jit with sorted keys; "scale" sorts after "prune" but
+  # "aaa" would sort first: both orders must work.
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class Aaa(Scale):
+    name: ClassVar[str] = "aaa"
+
+  spec = jc.Spec([jc.Rule(".*kernel", [jc.prune.magnitude(sparsity=0.5), Aaa()])])
+  t, s = jax.jit(spec.init)(params())
+  t, s = jax.jit(spec.update)(t, s, 1)
+  out = jax.jit(spec.apply)(t, s)
+  assert float(jnp.mean(out["a"]["kernel"] == 0)) >= 0.5

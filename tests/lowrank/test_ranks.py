@@ -34,7 +34,7 @@ def _reference_energy_rank(w, threshold):
   return len(s)
 
 
-@pytest.mark.parametrize("threshold", [0.3, 0.75, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("threshold", [0.3, 0.9, 1.0])
 def test_energy_picks_the_smallest_rank_meeting_the_threshold(threshold):
   rng = np.random.default_rng(0)
   params = {
@@ -98,7 +98,7 @@ def _budget_params():
   }
 
 
-@pytest.mark.parametrize("budget", [120, 331, 500, 777, 2000])
+@pytest.mark.parametrize("budget", [120, 331, 777])
 def test_budget_is_met_or_under_and_greedy(budget):
   params = _budget_params()
   spec = jc.Spec([jc.Rule("l.", [lowrank.svd(budget=budget)])])

@@ -74,10 +74,20 @@ def np_int8_product(x, kernel):
   return acc * sx * sw
 
 
+def run_linen(model, variables, x, rules, *, calibrate=False):
+  """``model.apply`` under ``quantize_inputs``, jitted (calibration returns the stats too)."""
+
+  def f(v, x):
+    with quantize_inputs(rules, calibrate=calibrate):
+      return model.apply(v, x, mutable=["quant_stats"] if calibrate else False)
+
+  return jax.jit(f)(variables, x)
+
+
 @pytest.fixture(scope="module")
 def net():
   x = rand((4, 9), 0)
-  return Net(), Net().init(jax.random.key(0), x)["params"], x
+  return Net(), jax.jit(Net().init)(jax.random.key(0), x)["params"], x
 
 
 def test_straight_through_input_gradients():
@@ -90,7 +100,7 @@ def test_straight_through_input_gradients():
     def f(v):
       with quantize_inputs([InputRule(pattern="", ranges=ranges)]):
         return model.apply(variables, v).sum()
-    g = jax.grad(f)(jnp.asarray(x))
+    g = jax.jit(jax.grad(f))(jnp.asarray(x))
     np.testing.assert_allclose(g, want * w.sum(1), rtol=1e-6)
 
 
@@ -106,14 +116,14 @@ def test_linen_dynamic_selects_by_path(net):
   want = np_net(params, x, {"block/Dense_0", "block/Dense_1"}, lambda v, _: np_fq_tokens(v, 4))
   np.testing.assert_allclose(forward(params, x), want, rtol=1e-5, atol=1e-5)
   # Outside the context the model is the float model.
-  np.testing.assert_allclose(model.apply({"params": params}, x), np_net(params, x, set(), None), rtol=1e-5, atol=1e-5)
+  float_out = jax.jit(model.apply)({"params": params}, x)
+  np.testing.assert_allclose(float_out, np_net(params, x, set(), None), rtol=1e-5, atol=1e-5)
 
 
 def test_linen_first_matching_rule_wins(net):
   model, params, x = net
   rules = [InputRule(pattern="Dense_0", bits=3), InputRule(pattern=".*", bits=6)]
-  with quantize_inputs(rules):
-    out = model.apply({"params": params}, x)
+  out = run_linen(model, {"params": params}, x, rules)
   bits = {"Dense_0": 3, "Dense_1": 6, "block/Dense_0": 6, "block/Dense_1": 6}
   want = np_net(params, x, set(bits), lambda v, path: np_fq_tokens(v, bits[path]))
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
@@ -131,8 +141,7 @@ def test_linen_straight_through_gradient(net):
   # d loss / d kernel of Dense_1 = (quantized input)^T @ (2 * output).
   h_in = {}
   np_net(params, x, {"Dense_1"}, lambda v, path: h_in.setdefault(path, np_fq_tokens(v)))
-  with quantize_inputs(rules):
-    out = np.asarray(model.apply({"params": params}, x), np.float64)
+  out = np.asarray(run_linen(model, {"params": params}, x, rules), np.float64)
   np.testing.assert_allclose(g["Dense_1"]["kernel"], h_in["Dense_1"].T @ (2 * out), rtol=1e-4, atol=1e-5)
 
 
@@ -142,14 +151,12 @@ def test_linen_static_calibration_and_use(net):
   rules = [InputRule(pattern="Dense_0", ranges="static", decay=0.75)]
   stats = {}
   for batch in (x, x2):
-    with quantize_inputs(rules, calibrate=True):
-      _, upd = model.apply({"params": params, **stats}, batch, mutable=["quant_stats"])
+    _, upd = run_linen(model, {"params": params, **stats}, batch, rules, calibrate=True)
     stats = dict(upd)
   want = 0.75 * np.abs(x).max() + 0.25 * np.abs(x2).max()
   np.testing.assert_allclose(stats["quant_stats"]["Dense_0"]["input_absmax"], want, rtol=1e-6)
   assert int(stats["quant_stats"]["Dense_0"]["count"]) == 2
-  with quantize_inputs(rules):
-    out = model.apply({"params": params, **stats}, x2)
+  out = run_linen(model, {"params": params, **stats}, x2, rules)
   ref = np_net(params, x2, {"Dense_0"}, lambda v, _: np_fq_static(v, want))
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -158,18 +165,16 @@ def test_linen_static_errors(net):
   model, params, x = net
   rules = [InputRule(pattern="Dense_0", ranges="static")]
   with pytest.raises(ValueError, match="'Dense_0' has static input ranges .* no 'quant_stats'"):
-    with quantize_inputs(rules):
-      model.apply({"params": params}, x)
+    run_linen(model, {"params": params}, x, rules)
   with pytest.raises(ValueError, match="needs the 'quant_stats' collection to be mutable"):
     with quantize_inputs(rules, calibrate=True):
-      model.apply({"params": params}, x)
+      jax.eval_shape(model.apply, {"params": params}, x)
 
 
 def test_linen_pattern_matching_nothing(net):
   model, params, x = net
   with pytest.raises(ValueError, match=r"'Dense_9' matches no .* paths are: 'Dense_0', 'block/Dense_0'"):
-    with quantize_inputs([InputRule(pattern="Dense_9")]):
-      model.apply({"params": params}, x)
+    run_linen(model, {"params": params}, x, [InputRule(pattern="Dense_9")])
   # Nothing traced inside the context (e.g. a cached jitted call) is reported too.
   with pytest.raises(ValueError, match=r"matches no .* \(none\)"):
     with quantize_inputs([InputRule(pattern="Dense_0")]):
@@ -188,8 +193,8 @@ def test_linen_real_int8_route(net):
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
   # Backward in full precision: the last layer's kernel gradient is h^T @ dL/dy with
   # h its float input, as in the float model.
-  g = jax.grad(lambda p: forward(p, x, "Dense_1").sum())(params)
-  g_float = jax.grad(lambda p: model.apply({"params": p}, x).sum())(params)
+  g = jax.jit(jax.grad(lambda p: forward(p, x, "Dense_1").sum()))(params)
+  g_float = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).sum()))(params)
   np.testing.assert_allclose(g["Dense_1"]["kernel"], g_float["Dense_1"]["kernel"], rtol=1e-6, atol=1e-6)
 
 
@@ -202,16 +207,22 @@ def test_linen_conv_and_einsum_inputs():
 
   x = rand((2, 5, 5, 3), 3)
   model = ConvNet()
-  params = model.init(jax.random.key(1), x)
-  with quantize_inputs([InputRule(pattern="Conv_0|Einsum_0", bits=3)]):
-    out = model.apply(params, x)
-  p = params["params"]
-  want = nn.Conv(4, (3, 3)).apply({"params": p["Conv_0"]}, jnp.asarray(np_fq_tokens(x, 3), jnp.float32))
-  want = np.einsum("bhwc,cd->bhwd", np_fq_tokens(np.asarray(want), 3), p["Einsum_0"]["kernel"]) + p["Einsum_0"]["bias"]
+  params = jax.jit(model.init)(jax.random.key(1), x)
+  out = run_linen(model, params, x, [InputRule(pattern="Conv_0|Einsum_0", bits=3)])
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  # 3x3 "SAME" convolution of the input quantized per pixel, then the einsum of its
+  # output quantized per pixel.
+  xq = np.pad(np_fq_tokens(x, 3), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  conv = sum(
+      np.einsum("bhwc,co->bhwo", xq[:, i : i + 5, j : j + 5], p["Conv_0"]["kernel"][i, j])
+      for i in range(3)
+      for j in range(3)
+  ) + p["Conv_0"]["bias"]
+  want = np.einsum("bhwc,cd->bhwd", np_fq_tokens(conv, 3), p["Einsum_0"]["kernel"]) + p["Einsum_0"]["bias"]
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="'Conv_0' is a linen Conv, which takes no dot_general"):
     with quantize_inputs([InputRule(pattern="Conv_0", matmul="int8")]):
-      model.apply(params, x)
+      jax.eval_shape(model.apply, params, x)
 
 
 # --------------------------------------------------------------------------
@@ -262,11 +273,12 @@ def np_nnx_net(m, x, fq, product=None):
 def test_nnx_surgery_on_a_clone():
   model = NnxNet(nnx.Rngs(0))
   x = rand((4, 9), 4)
-  before = np.asarray(model(x))
+  before = jax.tree.map(np.array, nnx.state(model))
   q = quantize_nnx_inputs(model, [InputRule(pattern="block/layers/1|head", bits=4)])
   # The original is unchanged; the clone holds wrappers (the shared layer at both places).
   assert isinstance(model.block.layers[1], nnx.Linear) and isinstance(model.head, nnx.Einsum)
-  np.testing.assert_array_equal(model(x), before)
+  assert model.again is model.block.layers[1]
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
   assert isinstance(q.block.layers[1], QuantizedInput) and q.again is q.block.layers[1]
   assert isinstance(q.head, QuantizedInput) and isinstance(q.block.layers[0], nnx.Linear)
   out = nnx.jit(lambda m, v: m(v))(q, x)
@@ -274,7 +286,7 @@ def test_nnx_surgery_on_a_clone():
   want = np_nnx_net(model, x, lambda v, name: np_fq_tokens(v, 4) if name in quant else v)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
   # Gradients reach the wrapped parameters.
-  grads = nnx.grad(lambda m: m(x).sum())(q)
+  grads = nnx.jit(nnx.grad(lambda m: m(x).sum()))(q)
   assert np.abs(grads["again"]["inner"]["kernel"][...]).sum() > 0
 
 
@@ -282,9 +294,10 @@ def test_nnx_static_calibration_through_a_view():
   model = NnxNet(nnx.Rngs(1))
   x1, x2 = rand((4, 9), 5), 2.0 * rand((4, 9), 6)
   q = quantize_nnx_inputs(model, [InputRule(pattern="inp", ranges="static", decay=0.5)])
-  np.testing.assert_allclose(q(x1), model(x1), rtol=1e-6)  # not calibrated yet: unquantized
-  cal = nnx.view(q, calibrate=True)
   step = nnx.jit(lambda m, v: m(v))
+  # Not calibrated yet: the inputs pass through unquantized.
+  np.testing.assert_allclose(step(q, x1), np_nnx_net(model, x1, lambda v, _: v), rtol=1e-5, atol=1e-5)
+  cal = nnx.view(q, calibrate=True)
   step(cal, x1)
   step(cal, x2)
   want_range = 0.5 * np.abs(x1).max() + 0.5 * np.abs(x2).max()
@@ -335,13 +348,12 @@ def test_bad_rules(kwargs, match):
 def test_dense_general_tokens_span_every_contracted_axis():
   x = rand((2, 3, 4), 8)
   layer = nn.DenseGeneral(5, axis=(-2, -1), use_bias=False)
-  params = layer.init(jax.random.key(2), x)
-  with quantize_inputs([InputRule(pattern="", bits=4)]):
-    out = layer.apply(params, x)
+  params = jax.jit(layer.init)(jax.random.key(2), x)
+  out = run_linen(layer, params, x, [InputRule(pattern="", bits=4)])
   q, s = np_quantize(x, (1, 2), 7)  # one scale per example, over both contracted axes
   kernel = np.asarray(params["params"]["kernel"], np.float64)
   np.testing.assert_allclose(out, np.einsum("bij,ijf->bf", q * s, kernel), rtol=1e-5, atol=1e-5)
   nnx_layer = nnx.LinearGeneral((3, 4), 5, axis=(-2, -1), use_bias=False, rngs=nnx.Rngs(0))
   q_layer = quantize_nnx_inputs(nnx_layer, InputRule(pattern="", bits=4))
   kernel = np.asarray(nnx_layer.kernel[...], np.float64)
-  np.testing.assert_allclose(q_layer(x), np.einsum("bij,ijf->bf", q * s, kernel), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nnx.jit(lambda m, v: m(v))(q_layer, x), np.einsum("bij,ijf->bf", q * s, kernel), rtol=1e-5, atol=1e-5)

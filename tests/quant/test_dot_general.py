@@ -1,5 +1,7 @@
 """Low-precision dot_general: numerics against numpy, STE gradients, use in Flax layers."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,10 +43,15 @@ def rand(shape, seed, dtype=np.float32):
   return np.random.default_rng(seed).normal(size=shape).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def dot(x, w, dg, dn=DENSE):
+  return dg(x, w, dn)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_int8_dense_product_is_the_integer_matmul_times_scales(bits):
   x, w = rand((6, 40), 0), rand((40, 5), 1)
-  out = np.asarray(int8_dot_general(bits=bits)(jnp.asarray(x), jnp.asarray(w), DENSE))
+  out = np.asarray(dot(x, w, int8_dot_general(bits=bits)))
   acc, sx, sw = np_int8_matmul(x, w, bits)
   # The integer product is recovered exactly from the output...
   np.testing.assert_array_equal(np.round(out / (sx * sw)).astype(np.int64), acc)
@@ -56,7 +63,7 @@ def test_int8_general_dimension_numbers():
   # Batch dim 0 on both, lhs contracts dims (1, 3), rhs contracts (2, 1); free dims in between.
   x, w = rand((2, 3, 4, 5), 2), rand((2, 5, 3, 6), 3)
   dn = (((1, 3), (2, 1)), ((0,), (0,)))
-  out = np.asarray(int8_dot_general()(jnp.asarray(x), jnp.asarray(w), dn))
+  out = np.asarray(dot(x, w, int8_dot_general(), dn))
   qx, sx = np_quantize(x, (1, 3), 127)  # one scale per (batch, token)
   qw, sw = np_quantize(w, (2, 1), 127)  # one scale per (batch, output channel)
   acc = np.einsum("bitk,bkiz->btz", qx, qw)
@@ -65,30 +72,28 @@ def test_int8_general_dimension_numbers():
   np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
 
 
-def test_per_tensor_granularities():
-  x, w = rand((5, 16), 4), rand((16, 3), 5)
+def test_per_tensor_granularities_and_zero_rows():
+  x, w = rand((6, 40), 4), rand((40, 5), 5)
   dg = int8_dot_general(lhs_granularity="per_tensor", rhs_granularity="per_tensor")
-  out = np.asarray(dg(jnp.asarray(x), jnp.asarray(w), DENSE))
+  out = np.asarray(dot(x, w, dg))
   qx, sx = np_quantize(x, None, 127)
   qw, sw = np_quantize(w, None, 127)
   np.testing.assert_allclose(out, (qx @ qw) * sx * sw, rtol=1e-6, atol=1e-6)
-
-
-def test_zero_rows_and_columns_give_zeros_not_nans():
-  x, w = rand((3, 8), 6), rand((8, 4), 7)
+  # An all-zero row or column gets a finite scale and an exactly zero output.
   x[1] = 0.0
   w[:, 2] = 0.0
   for dg in (int8_dot_general(), fp8_dot_general()):
-    out = np.asarray(dg(jnp.asarray(x), jnp.asarray(w), DENSE))
+    out = np.asarray(dot(x, w, dg))
     assert np.isfinite(out).all()
     assert (out[1] == 0).all() and (out[:, 2] == 0).all()
 
 
-@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2"])
-@pytest.mark.parametrize("operand_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize(
+    "fmt, operand_dtype", [("float8_e4m3fn", None), ("float8_e5m2", "bfloat16")]
+)
 def test_fp8_product_against_numpy_fp8(fmt, operand_dtype):
-  x, w = rand((4, 32), 8), rand((32, 6), 9)
-  out = np.asarray(fp8_dot_general(dtype=fmt, operand_dtype=operand_dtype)(jnp.asarray(x), jnp.asarray(w), DENSE))
+  x, w = rand((6, 40), 8), rand((40, 5), 9)
+  out = np.asarray(dot(x, w, fp8_dot_general(dtype=fmt, operand_dtype=operand_dtype)))
   np_fmt = getattr(ml_dtypes, fmt)
   fmax = float(ml_dtypes.finfo(np_fmt).max)
   sx = np.abs(x).max(-1, keepdims=True) / fmax
@@ -110,7 +115,7 @@ def test_fp8_grid_rounding_is_bit_exact(fmt):
       rng.normal(size=4000) * float(info.smallest_normal) * 3,
   ]).astype(np.float32)
   y = np.clip(np.concatenate([values, midpoints, random]), -float(info.max), float(info.max))
-  got = np.asarray(jax.jit(lambda v: _round_to_fp8_grid(v, fmt))(y))
+  got = np.asarray(jax.jit(_round_to_fp8_grid, static_argnums=1)(y, fmt))
   np.testing.assert_array_equal(got.view(np.uint32), y.astype(fmt).astype(np.float32).view(np.uint32))
 
 
@@ -119,9 +124,9 @@ def test_gradients_are_the_float_dot_generals(make):
   x, w = jnp.asarray(rand((2, 5, 12), 10)), jnp.asarray(rand((12, 7), 11))
   g = jnp.asarray(rand((2, 5, 7), 12))
   dn = (((2,), (0,)), ((), ()))
-  _, vjp_q = jax.vjp(lambda a, b: make()(a, b, dn), x, w)
-  _, vjp_f = jax.vjp(lambda a, b: lax.dot_general(a, b, dn), x, w)
-  for got, want in zip(jax.jit(vjp_q)(g), vjp_f(g)):
+  vjp_q = jax.jit(lambda a, b, c: jax.vjp(lambda a, b: make()(a, b, dn), a, b)[1](c))
+  vjp_f = jax.jit(lambda a, b, c: jax.vjp(lambda a, b: lax.dot_general(a, b, dn), a, b)[1](c))
+  for got, want in zip(vjp_q(x, w, g), vjp_f(x, w, g)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -129,9 +134,14 @@ def test_dtypes_follow_lax_dot_general():
   x = jnp.asarray(rand((4, 16), 13), jnp.bfloat16)
   w = jnp.asarray(rand((16, 8), 14), jnp.bfloat16)
   dg = int8_dot_general()
-  assert dg(x, w, DENSE).dtype == jnp.bfloat16
-  assert dg(x, w, DENSE, preferred_element_type=jnp.float32).dtype == jnp.float32
-  gx, gw = jax.grad(lambda a, b: dg(a, b, DENSE).astype(jnp.float32).sum(), argnums=(0, 1))(x, w)
+
+  @jax.jit
+  def f(a, b):
+    grads = jax.grad(lambda a, b: dg(a, b, DENSE).astype(jnp.float32).sum(), argnums=(0, 1))(a, b)
+    return dg(a, b, DENSE), dg(a, b, DENSE, preferred_element_type=jnp.float32), grads
+
+  out, out_f32, (gx, gw) = f(x, w)
+  assert out.dtype == jnp.bfloat16 and out_f32.dtype == jnp.float32
   assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
 
 
@@ -139,34 +149,48 @@ def test_in_linen_dense_under_jit():
   x = rand((8, 20), 15)
   model = nn.Dense(6, dot_general=int8_dot_general())
   params = model.init(jax.random.key(0), x)
-  out = jax.jit(model.apply)(params, x)
+  loss = lambda p: jnp.sum(model.apply(p, x) ** 2)
+  out, g = jax.jit(lambda p: (model.apply(p, x), jax.grad(loss)(p)))(params)
   kernel = np.asarray(params["params"]["kernel"])
   acc, sx, sw = np_int8_matmul(x, kernel)
   np.testing.assert_allclose(out, acc * sx * sw + np.asarray(params["params"]["bias"]), rtol=1e-5, atol=1e-5)
-  # Training through it: the gradient is the float Dense's gradient.
-  loss = lambda p, m: jnp.sum(m.apply(p, x) ** 2)
-  y_float = nn.Dense(6).apply(params, x)
-  g = jax.jit(jax.grad(loss), static_argnums=1)(params, model)
-  np.testing.assert_allclose(g["params"]["bias"], 2 * np.asarray(out).sum(0), rtol=1e-5)
-  np.testing.assert_allclose(g["params"]["kernel"], 2 * x.T @ np.asarray(out), rtol=1e-4, atol=1e-4)
-  assert not np.allclose(out, y_float)  # quantization did change the forward
+  # Training through it: the straight-through gradient is the float Dense's at the
+  # quantized forward output: dL/dW = x^T (2 y), dL/db = sum(2 y).
+  y = np.asarray(out, np.float64)
+  np.testing.assert_allclose(g["params"]["bias"], 2 * y.sum(0), rtol=1e-5)
+  np.testing.assert_allclose(g["params"]["kernel"], 2 * x.T @ y, rtol=1e-4, atol=1e-4)
 
 
-def test_in_nnx_linear():
-  x = rand((3, 10), 16)
-  layer = nnx.Linear(10, 4, dot_general=fp8_dot_general(operand_dtype="bfloat16"), rngs=nnx.Rngs(0))
-  out = nnx.jit(lambda m, v: m(v))(layer, x)
-  plain = nnx.Linear(10, 4, rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(out, plain(x), rtol=0.1, atol=0.1)
-  assert not np.allclose(out, plain(x), rtol=1e-6, atol=1e-6)
+def test_in_nnx_linear_and_einsum():
+  x = rand((2, 3, 12), 16)
+  linear = nnx.Linear(12, 4, dot_general=fp8_dot_general(operand_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  einsum = nnx.Einsum("btk,kn->btn", (12, 4), (4,), einsum_op=int8_dot_general().einsum, rngs=nnx.Rngs(1))
+  out_l, out_e = nnx.jit(lambda a, b, v: (a(v), b(v)))(linear, einsum, x)
+  fmax = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+  kernel = np.asarray(linear.kernel[...])
+  sx = np.abs(x).max(-1, keepdims=True) / fmax
+  sw = np.abs(kernel).max(0, keepdims=True) / fmax
+  qx = (x / sx).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  qw = (kernel / sw).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  want = (qx @ qw) * sx * sw + np.asarray(linear.bias[...])
+  np.testing.assert_allclose(out_l, want, rtol=1e-5, atol=1e-5)
+  acc, sx, sw = np_int8_matmul(x, np.asarray(einsum.kernel[...]))
+  np.testing.assert_allclose(out_e, acc * sx * sw + np.asarray(einsum.bias[...]), rtol=1e-5, atol=1e-5)
 
 
 def test_hashable_static_config():
   assert hash(int8_dot_general()) == hash(int8_dot_general())
   assert fp8_dot_general(operand_dtype=jnp.bfloat16) == fp8_dot_general(operand_dtype="bfloat16")
   assert int8_dot_general() != int8_dot_general(bits=4)
-  f = jax.jit(lambda a, b, dg: dg(a, b, DENSE), static_argnums=2)
-  assert f(jnp.ones((2, 3)), jnp.ones((3, 2)), int8_dot_general()).shape == (2, 2)
+
+
+def test_sharded_matches_single_device():
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+  x, w = jnp.asarray(rand((16, 24), 17)), jnp.asarray(rand((24, 6), 18))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data", "model")))  # contraction axis sharded too
+  ws = jax.device_put(w, NamedSharding(mesh, P("model", None)))
+  f = jax.jit(lambda a, b: int8_dot_general()(a, b, DENSE))
+  np.testing.assert_allclose(f(xs, ws), f(x, w), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -186,12 +210,3 @@ def test_hashable_static_config():
 def test_bad_configs(kwargs, match):
   with pytest.raises(ValueError, match=match):
     QuantizedDotGeneral(**kwargs)
-
-
-def test_sharded_matches_single_device():
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
-  x, w = jnp.asarray(rand((16, 24), 17)), jnp.asarray(rand((24, 6), 18))
-  xs = jax.device_put(x, NamedSharding(mesh, P("data", "model")))  # contraction axis sharded too
-  ws = jax.device_put(w, NamedSharding(mesh, P("model", None)))
-  f = jax.jit(lambda a, b: int8_dot_general()(a, b, DENSE))
-  np.testing.assert_allclose(f(xs, ws), f(x, w), rtol=1e-6, atol=1e-6)
