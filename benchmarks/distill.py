@@ -137,8 +137,8 @@ def measure(steps: int, warmup: int, *, int8_teacher: bool, sizes=(TEACHER, STUD
 
 
 def main(quick: bool = False) -> dict:
-  steps, warmup = (20, 3) if quick else (60, 10)
-  sizes = ((784, 256, 256, 10), (784, 64, 10)) if quick else (TEACHER, STUDENT)
+  steps, warmup = (20, 2) if quick else (60, 10)
+  sizes = ((784, 128, 128, 10), (784, 32, 10)) if quick else (TEACHER, STUDENT)
   plain = measure(steps, warmup, int8_teacher=False, sizes=sizes)
   int8 = measure(steps, warmup, int8_teacher=True, sizes=sizes)
   device = jax.devices()[0]

@@ -132,7 +132,7 @@ def main(quick: bool = False, gpu: bool = False) -> dict:
   Returns:
     ``{"fq_w8": ..., "fq_w8a8": ..., "int8_fwd": ..., "fp8_fwd": ..., ...}``.
   """
-  steps, warmup = (3, 1) if quick else (40, 5)
+  steps, warmup = (3, 1) if quick else (60, 5)
   make, batch, loss = _setup(gpu, quick)
   opt = optax.adam(1e-4)
   params = make().init(jax.random.key(1), batch[0])["params"]

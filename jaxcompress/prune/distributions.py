@@ -56,8 +56,9 @@ class Uniform(Distribution):
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
-    >>> [m.tolist() for m in jc.prune.Uniform().masks(
-    ...     [jnp.array([1.0, 3.0]), jnp.array([5.0, 6.0])], jnp.float32(0.5), shapes=[(2,), (2,)])]
+    >>> spec = jc.Spec([jc.Rule("a|b", [jc.prune.magnitude(sparsity=0.5, distribution=jc.prune.Uniform())])])
+    >>> t, s = spec.init({"a": jnp.array([1.0, 3.0]), "b": jnp.array([5.0, 6.0])})
+    >>> [s[k].stages["prune"].mask.tolist() for k in "ab"]
     [[False, True], [False, True]]
   """
 
@@ -75,8 +76,9 @@ class Global(Distribution):
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
-    >>> [m.tolist() for m in jc.prune.Global().masks(
-    ...     [jnp.array([1.0, 3.0]), jnp.array([5.0, 6.0])], jnp.float32(0.5), shapes=[(2,), (2,)])]
+    >>> spec = jc.Spec([jc.Rule("a|b", [jc.prune.magnitude(sparsity=0.5, distribution=jc.prune.Global())])])
+    >>> t, s = spec.init({"a": jnp.array([1.0, 3.0]), "b": jnp.array([5.0, 6.0])})
+    >>> [s[k].stages["prune"].mask.tolist() for k in "ab"]
     [[False, False], [True, True]]
   """
 

@@ -60,6 +60,20 @@ class DynamicSparse(Stage):
     distribution: spreads ``sparsity`` over the leaves at init (``Uniform()``
       default, ``ERK()`` in the paper, ``Global()``); each leaf's count of
       active weights then stays fixed.
+
+  Subclasses define ``grow_score(value, ctx)``.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> class GrowLargestIndex(jc.prune.DynamicSparse):
+    ...   def grow_score(self, value, ctx):
+    ...     return jnp.arange(value.size, dtype=jnp.float32).reshape(value.shape)
+    >>> stage = GrowLargestIndex(sparsity=0.5, end_step=4, update_every=1, drop_fraction=0.5)
+    >>> spec = jc.Spec([jc.Rule("w", [stage])])
+    >>> t, s = spec.init({"w": jnp.array([4.0, 3.0, 2.0, 1.0])})
+    >>> t, s = spec.update(t, s, 0)
+    >>> s["w"].stages["prune"].mask.tolist()
+    [True, False, False, True]
   """
 
   name: ClassVar[str] = "prune"
@@ -83,10 +97,11 @@ class DynamicSparse(Stage):
     a = self.drop_fraction
     if not _is_number(a) or not 0.0 < a <= 1.0:
       raise ValueError(f"{kind}: drop_fraction must be in (0, 1], got {a!r} (RigL uses 0.3).")
-    for k in ("begin_step", "end_step", "update_every"):
+    for k, low, what in [("begin_step", 0, "non-negative"), ("end_step", 0, "non-negative"),
+                         ("update_every", 1, "positive")]:
       v = getattr(self, k)
-      if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "update_every" else 0):
-        raise ValueError(f"{kind}: {k} must be a {'positive' if k == 'update_every' else 'non-negative'} int, got {v!r}.")
+      if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{kind}: {k} must be a {what} int, got {v!r}.")
     if self.end_step <= self.begin_step:
       raise ValueError(
           f"{kind}: end_step ({self.end_step}) must be after begin_step ({self.begin_step}); "

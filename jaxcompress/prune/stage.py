@@ -35,6 +35,14 @@ class PruneState(NamedTuple):
     mask: bool, True where the weight is kept (same shape as the weight).
     score: the criterion's running state (Movement's accumulated score,
       Random's draw; float32, the weight's shape), or None.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
+    >>> _, state = spec.init({"w": jnp.array([1.0, -2.0])})
+    >>> st = state["w"].stages["prune"]
+    >>> isinstance(st, jc.prune.PruneState), st.mask.tolist(), st.score
+    (True, [False, True], None)
   """
 
   mask: jax.Array

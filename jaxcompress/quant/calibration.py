@@ -180,26 +180,31 @@ class MSE(Calibrator):
     return np.linspace(1.0, self.min_ratio, self.num).astype(np.float32)
 
   def __call__(self, x: Array, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
-    base = AbsMax() if fmt.symmetric else MinMax()
-    lo0, hi0 = base(x, fmt, granularity)
-    xf = x.astype(jnp.float32)
+    return _mse_search(x, self, fmt, granularity)
 
-    def error(ratio):
-      scale, zp = numerics.scale_from_range(lo0 * ratio, hi0 * ratio, fmt)
-      q = numerics.quantize(xf, fmt, granularity, scale=scale, zero_point=zp)
-      d = numerics.dequantize(q, jnp.float32) - xf
-      return numerics.reduce_blocks(d * d, granularity, jnp.sum)
 
-    def body(carry, ratio):
-      best_err, best_ratio = carry
-      err = error(ratio)
-      better = err < best_err
-      return (jnp.where(better, err, best_err), jnp.where(better, ratio, best_ratio)), None
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _mse_search(x: Array, mse: MSE, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
+  base = AbsMax() if fmt.symmetric else MinMax()
+  lo0, hi0 = base(x, fmt, granularity)
+  xf = x.astype(jnp.float32)
 
-    ratios = jnp.asarray(self.ratios())
-    init = (error(ratios[0]), jnp.full_like(lo0, ratios[0]))
-    (_, best), _ = jax.lax.scan(body, init, ratios[1:])
-    return lo0 * best, hi0 * best
+  def error(ratio):
+    scale, zp = numerics.scale_from_range(lo0 * ratio, hi0 * ratio, fmt)
+    q = numerics.quantize(xf, fmt, granularity, scale=scale, zero_point=zp)
+    d = numerics.dequantize(q, jnp.float32) - xf
+    return numerics.reduce_blocks(d * d, granularity, jnp.sum)
+
+  def body(carry, ratio):
+    best_err, best_ratio = carry
+    err = error(ratio)
+    better = err < best_err
+    return (jnp.where(better, err, best_err), jnp.where(better, ratio, best_ratio)), None
+
+  ratios = jnp.asarray(mse.ratios())
+  init = (error(ratios[0]), jnp.full_like(lo0, ratios[0]))
+  (_, best), _ = jax.lax.scan(body, init, ratios[1:])
+  return lo0 * best, hi0 * best
 
 
 def default_calibrator(fmt: Format) -> Calibrator:

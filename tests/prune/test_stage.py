@@ -5,6 +5,7 @@ import pytest
 
 import jaxcompress as jc
 from tests.prune.reference import channel_scores, keep_topk, keep_topk_many, n_keep, nm_mask
+from tests.registry.prune import CASES as REGISTRY
 
 
 def rand(shape, seed=0):
@@ -62,18 +63,15 @@ def test_straight_through_gradient(straight_through):
   np.testing.assert_array_equal(np.asarray(t["w"]), w if straight_through else np.where(mask, w, 0.0))
 
 
-def test_masks_are_bool_and_dtype_kept_for_bf16():
-  w = jnp.asarray(rand((8, 8), 5), jnp.bfloat16)
-  for stage in [
-      jc.prune.magnitude(sparsity=0.5),
-      jc.prune.Prune(structure=jc.prune.NM(2, 4)),
-      jc.prune.magnitude(sparsity=0.5, structure=jc.prune.Channel()),
-      jc.prune.RigL(sparsity=0.5, end_step=4),
-  ]:
-    spec = jc.Spec([jc.Rule("w", [stage])])
-    t, s = jax.jit(spec.init)({"w": w})
-    assert s["w"].stages["prune"].mask.dtype == jnp.bool_
-    assert spec.apply(t, s)["w"].dtype == jnp.bfloat16
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_masks_are_bool_for_every_variant(dtype):
+  p = {"Dense_0": {"kernel": jax.ShapeDtypeStruct((16, 32), dtype)}}
+  for case in REGISTRY:
+    spec = jc.Spec([jc.Rule(case.pattern, case.stages())])
+    key = jax.random.key(0) if case.needs_key else None
+    _, s = jax.eval_shape(lambda p: spec.init(p, key=key), p)
+    for st in s["Dense_0"]["kernel"].stages.values():
+      assert st.mask.dtype == jnp.bool_ and st.mask.shape == (16, 32), case.name
 
 
 def test_nan_and_inf_weights_counts_exact_nan_pruned_inf_kept():

@@ -78,7 +78,7 @@ def test_prune_then_quantize_keeps_exact_zeros(dtype):
   spec = jc.Spec([
       jc.Rule(f"k{i}", [jc.prune.magnitude(sparsity=0.5), q]) for i, q in enumerate(QUANTS)
   ])
-  t, s = spec.init(p)
+  t, s = jax.jit(spec.init)(p)
   update, apply = jax.jit(spec.update), jax.jit(spec.apply)
   for step in range(2):
     t, s = update(t, s, step)
