@@ -48,6 +48,12 @@ class TopKCache(NamedTuple):
     k: entries kept per position.
     vocab_size: classes of the teacher's logits.
     temperature: the temperature ``logsumexp`` was taken at.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> cache = write_topk_cache(tempfile.mkdtemp(), lambda x: x, jnp.eye(3), k=2)
+    >>> cache.indices.shape, cache.logsumexp.shape
+    ((3, 2), (3,))
   """
 
   values: np.ndarray

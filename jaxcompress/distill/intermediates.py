@@ -132,6 +132,12 @@ class FeaturePair(NamedTuple):
     teacher_path: the teacher's feature path.
     student: the student's array.
     teacher: the teacher's array.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> pair = FeaturePair("b0", "layer_1", jnp.ones((2, 4)), jnp.ones((2, 4)))
+    >>> pair.student_path, pair.teacher.shape
+    ('b0', (2, 4))
   """
 
   student_path: str

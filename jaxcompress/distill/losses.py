@@ -312,6 +312,12 @@ class TopKLogits(NamedTuple):
       vocabulary: it fixes the probability mass the top k leave over,
       ``1 - sum(exp(values / T - logsumexp))``. It belongs to the temperature it
       was computed at; use the same temperature in the loss.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tk = TopKLogits(jnp.array([[2.0]]), jnp.array([[0]]), jnp.array([2.0]))
+    >>> round(float(topk_distillation_loss(jnp.array([[2.0, -9.0]]), *tk)[0]), 4)
+    0.0
   """
 
   values: Array

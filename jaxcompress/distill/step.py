@@ -48,6 +48,7 @@ def make_distill_step(
     teacher_shardings: Any = None,
     batch_sharding: Any = None,
     donate: bool = True,
+    stats_fn: Callable[[Any], dict] | None = None,
 ) -> Callable[[TrainState, PyTree, Any], tuple[TrainState, dict]]:
   """Builds one jitted distillation step.
 
@@ -70,6 +71,8 @@ def make_distill_step(
       pair ``teacher_spec.shardings(params, param_shardings)``).
     batch_sharding: sharding of the batch (its data axis).
     donate: donate the input state's buffers.
+    stats_fn: maps ``aux`` to ``spec.update``'s ``stats`` (e.g. the student's
+      activation norms for Wanda), as in ``jc.make_train_step``.
 
   Returns:
     ``step(state, teacher, batch) -> (state, {"loss": ..., "aux": ...})``.
@@ -122,7 +125,10 @@ def make_distill_step(
     masks = spec.update_masks(ts.trainable, ts.spec_state)
     updates, opt_state = opt.update(g_trainable, ts.opt_state, ts.trainable, masks=masks)
     trainable = optax.apply_updates(ts.trainable, updates)
-    trainable, spec_state = spec.update(trainable, ts.spec_state, ts.step, grads=g_model, key=ts.key)
+    stats = stats_fn(aux) if stats_fn is not None else None
+    trainable, spec_state = spec.update(
+        trainable, ts.spec_state, ts.step, grads=g_model, stats=stats, key=ts.key
+    )
     new = TrainState(optax.safe_increment(ts.step), trainable, spec_state, opt_state, ts.key)
     return new, {"loss": loss, "aux": aux}
 

@@ -40,7 +40,7 @@ from jaxcompress.prune.stage import (
 
 
 def _nan_low(x: jax.Array) -> jax.Array:
-  """NaN -> -inf, so that these entries still rank above NaN padding."""
+  """NaN -> -inf: such entries rank above the NaN that marks excluded entries."""
   return jnp.where(jnp.isnan(x), -jnp.inf, x)
 
 

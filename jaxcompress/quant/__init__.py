@@ -18,7 +18,16 @@ from jaxcompress.quant.numerics import (
     quantize,
     scale_from_range,
 )
-from jaxcompress.quant.calibration import MSE, AbsMax, Calibrator, MinMax, Percentile, RangeEMA
+from jaxcompress.quant.calibration import (
+    MSE,
+    AbsMax,
+    Calibrator,
+    MinMax,
+    Percentile,
+    RangeEMA,
+    ema_init,
+    ema_update,
+)
 from jaxcompress.quant.ptq import dequantize_params, gptq, gptq_params, quantize_params
 from jaxcompress.quant.stages import LSQ, FakeQuant, QuantState
 from jaxcompress.quant.ste import fake_quant_ste, lsq_fake_quant, pact_quant, round_ste
@@ -41,6 +50,8 @@ _NUMERICS_ALL = [
     "MinMax",
     "Percentile",
     "RangeEMA",
+    "ema_init",
+    "ema_update",
     "dequantize_params",
     "gptq",
     "gptq_params",

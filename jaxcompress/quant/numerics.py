@@ -166,11 +166,33 @@ class Granularity:
   """Base class of the granularities: which elements share one scale."""
 
   def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the scale of a tensor of ``shape`` (same rank)."""
+    """The shape of the scale of a tensor of ``shape``.
+
+    Args:
+      shape: the tensor's shape.
+
+    Returns:
+      A shape of the same rank (see each granularity's example).
+    """
     raise NotImplementedError
 
   def check(self, shape: tuple[int, ...], path: str = "<array>") -> None:
-    """Raises ``ValueError`` naming ``path`` if ``shape`` does not fit."""
+    """Raises ``ValueError`` naming ``path``, the value and the fix if ``shape`` does not fit.
+
+    Args:
+      shape: the tensor's shape.
+      path: the leaf path, for the message.
+
+    Returns:
+      None.
+
+    Example:
+      >>> from jaxcompress.quant.numerics import PerGroup
+      >>> PerGroup(size=3).check((8, 4), "Dense_0/kernel")
+      Traceback (most recent call last):
+      ...
+      ValueError: Dense_0/kernel: PerGroup(size=3) does not divide axis -2 of size 8 ...
+    """
     del shape, path
 
   def _blocks(self, x: Array) -> tuple[Array, tuple[int, ...]]:
@@ -366,8 +388,10 @@ def expand_scale(scale: Array, shape: tuple[int, ...], granularity: Granularity)
     [1.0, 1.0, 2.0, 2.0]
   """
   if isinstance(granularity, PerGroup):
-    return jnp.repeat(scale, granularity.size, axis=_norm_axis(granularity.axis, len(shape)),
-                      total_repeat_length=shape[_norm_axis(granularity.axis, len(shape))])
+    a = _norm_axis(granularity.axis, len(shape))
+    s = jnp.expand_dims(scale, a + 1)
+    s = jnp.broadcast_to(s, s.shape[: a + 1] + (granularity.size,) + s.shape[a + 2 :])
+    return s.reshape(s.shape[:a] + (s.shape[a] * granularity.size,) + s.shape[a + 2 :])
   return scale
 
 
@@ -553,7 +577,14 @@ class QArray:
     return len(self.values.shape)
 
   def dequantize(self, dtype: Any = None) -> Array:
-    """Returns ``(values - zero_point) * scale`` in ``dtype`` (default: ``self.dtype``)."""
+    """``(values - zero_point) * scale``; see the function ``dequantize``.
+
+    Args:
+      dtype: output dtype; default ``self.dtype``.
+
+    Returns:
+      The float array.
+    """
     return dequantize(self, dtype)
 
 

@@ -195,3 +195,27 @@ def test_sharded_step_equals_single_device():
   assert ts.trainable["proj"]["kernel"].sharding.spec == P(None, "model")
   mask = np.asarray(ts.spec_state["net"]["l0"]["kernel"].stages["prune"].mask)
   assert mask.mean() == 0.5 and np.all(np.asarray(ts.trainable["net"]["l0"]["kernel"])[~mask] == 0)
+
+
+def test_aux_and_stats_reach_the_student_spec():
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(16, 6)).astype(np.float32) * np.arange(1, 7, dtype=np.float32)
+  w = rng.normal(size=(6, 3)).astype(np.float32)
+  spec = jc.Spec([jc.Rule("dense/kernel", [jc.prune.Prune(sparsity=0.5, criterion=jc.prune.Wanda())])])
+  opt = optax.sgd(0.0)  # weights fixed: the mask depends on the statistics alone
+
+  def loss_fn(p, batch, teacher_logits, step):
+    logits = batch @ p["dense"]["kernel"]
+    return distill.soft_target_loss(logits, teacher_logits).mean(), {"dense": jnp.linalg.norm(batch, axis=0)}
+
+  ts = jax.jit(lambda p: jc.init_train_state(spec, opt, p))({"dense": {"kernel": jnp.asarray(w)}})
+  step = distill.make_distill_step(
+      loss_fn, linear_teacher, spec, opt, has_aux=True, stats_fn=lambda aux: aux
+  )
+  ts, m = step(ts, {"w": jnp.asarray(w[:, ::-1].copy())}, jnp.asarray(x))
+  norms = np.linalg.norm(x.astype(np.float64), axis=0)
+  np.testing.assert_allclose(m["aux"]["dense"], norms, rtol=1e-5)
+  score = np.abs(w) * norms[:, None]  # Wanda: |w| times the input feature's activation norm
+  expect = score >= np.sort(score.ravel())[9]
+  assert np.any(expect != (np.abs(w) >= np.sort(np.abs(w).ravel())[9]))  # not plain magnitude
+  np.testing.assert_array_equal(ts.spec_state["dense"]["kernel"].stages["prune"].mask, expect)
