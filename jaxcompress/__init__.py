@@ -1,6 +1,6 @@
 """jaxcompress: model compression for JAX."""
 
-from jaxcompress import prune
+from jaxcompress import cluster, distill, lowrank, prune, quant
 from jaxcompress.core import schedules
 from jaxcompress.core.spec import Compressed, LeafState, Rule, Spec
 from jaxcompress.core.stage import Stage, UpdateContext
@@ -20,10 +20,14 @@ __all__ = [
     "Stage",
     "TrainState",
     "UpdateContext",
+    "cluster",
+    "distill",
     "init_train_state",
     "make_train_step",
+    "lowrank",
     "masked_optimizer",
     "prune",
+    "quant",
     "schedules",
     "train_state_shardings",
 ]
