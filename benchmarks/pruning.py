@@ -1,8 +1,9 @@
 """Pruning overheads and the structured-shrink speed-up, 784-300-100-10 MLP, batch 256.
 
-Figures: ratios of step times measured side by side in one process. Each
-round times one call of every variant in turn; a figure is the median over
-rounds (200 after 10 warm-up rounds) of the ratio within a round.
+Figures: ratios of step times measured side by side in one process. Each of
+40 rounds runs every variant in a shuffled order, 5 timed steps after one
+untimed step; a figure is the median over rounds of the ratio of the mean step
+times within a round (200 timed steps per variant, after 5 warm-up rounds).
 
 - ``apply_ratio``: a compression-aware Adam step with magnitude-pruning masks at
   90% sparsity applied but not recomputed (``end_step=0``), over the plain Adam
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import random
 import statistics
 import time
 
@@ -40,12 +42,13 @@ CHAIN = [f"Dense_{i}" for i in range(len(SIZES) - 1)]
 
 
 def init_mlp(key: jax.Array, sizes=SIZES) -> dict:
+  """Dense_i/{kernel, bias}; small nonzero biases, as after training."""
   params = {}
   for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-    key, sub = jax.random.split(key)
+    key, k_w, k_b = jax.random.split(key, 3)
     params[f"Dense_{i}"] = {
-        "kernel": jax.random.normal(sub, (fan_in, fan_out), jnp.float32) / np.sqrt(fan_in),
-        "bias": jnp.zeros((fan_out,), jnp.float32),
+        "kernel": jax.random.normal(k_w, (fan_in, fan_out), jnp.float32) / np.sqrt(fan_in),
+        "bias": 0.1 * jax.random.normal(k_b, (fan_out,), jnp.float32),
     }
   return params
 
@@ -64,31 +67,39 @@ def loss_fn(params: dict, batch) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
 
 
-def _paired_ratios(runners: dict, baseline: str, steps: int, warmup: int) -> dict[str, float]:
+def _paired_ratios(
+    runners: dict, baseline: str, rounds: int, block: int, warmup: int
+) -> dict[str, float]:
   """Median over rounds of (runner time / baseline time) within the round.
 
-  Every round calls each runner once, in turn, so a ratio compares calls made
-  moments apart; the median over rounds drops the rounds another process
-  disturbed.
+  Each round runs every runner in a shuffled order: one untimed call (so that
+  a runner does not pay for the caches the previous one left), then ``block``
+  timed calls, as in a training loop. A ratio compares blocks run moments
+  apart; the median over rounds drops the rounds another process disturbed.
   """
   for _ in range(warmup):
     for run in runners.values():
       run()
-  times = {name: [] for name in runners}
-  for _ in range(steps):
-    for name, run in runners.items():
+  rng = random.Random(0)
+  names = list(runners)
+  per_call = {name: [] for name in names}
+  for _ in range(rounds):
+    rng.shuffle(names)
+    for name in names:
+      runners[name]()
       t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
-  base = times[baseline]
+      for _ in range(block):
+        runners[name]()
+      per_call[name].append((time.perf_counter() - t0) / block)
+  base = per_call[baseline]
   return {
       name: statistics.median(t / b for t, b in zip(ts, base))
-      for name, ts in times.items()
+      for name, ts in per_call.items()
       if name != baseline
   }
 
 
-def train_step_ratios(steps: int, warmup: int) -> dict[str, float]:
+def train_step_ratios(rounds: int, block: int, warmup: int) -> dict[str, float]:
   params = init_mlp(jax.random.key(0))
   kx, ky = jax.random.split(jax.random.key(1))
   batch = (
@@ -128,13 +139,14 @@ def train_step_ratios(steps: int, warmup: int) -> dict[str, float]:
   ratios = _paired_ratios(
       {
           "plain": run_plain,
-          # Masks computed at step 0, then fixed: only applying them costs.
+          # Masks made by spec.init and never recomputed: only applying them costs.
           "apply": compressed(jc.prune.magnitude(sparsity=SPARSITY, end_step=0)),
           # Masks recomputed (exact top-k) on every step.
           "update": compressed(jc.prune.magnitude(sparsity=SPARSITY, update_every=1)),
       },
       "plain",
-      steps,
+      rounds,
+      block,
       warmup,
   )
   return {"apply_ratio": ratios["apply"], "update_every_step_ratio": ratios["update"]}
@@ -149,7 +161,7 @@ def channel_prune(params: dict, fraction: float) -> dict:
   return spec.apply(trainable, state)
 
 
-def shrink_speedup(steps: int, warmup: int) -> dict[str, float]:
+def shrink_speedup(rounds: int, block: int, warmup: int) -> dict[str, float]:
   params = channel_prune(init_mlp(jax.random.key(2)), CHANNEL_SPARSITY)
   small = jc.prune.shrink_dense_chain(params, CHAIN, activation=jax.nn.relu)
   x = jax.random.normal(jax.random.key(3), (BATCH, SIZES[0]), jnp.float32)
@@ -162,7 +174,8 @@ def shrink_speedup(steps: int, warmup: int) -> dict[str, float]:
           "full": lambda: full_fwd(params, x).block_until_ready(),
       },
       "small",
-      steps,
+      rounds,
+      block,
       warmup,
   )
   return {
@@ -173,19 +186,19 @@ def shrink_speedup(steps: int, warmup: int) -> dict[str, float]:
 
 
 def main(quick: bool = False) -> dict:
-  steps, warmup = (3, 1) if quick else (200, 10)
+  rounds, block, warmup = (2, 2, 1) if quick else (40, 5, 5)
   result = {
       "device": jax.devices()[0].device_kind,
       "mlp": list(SIZES),
       "batch": BATCH,
       "sparsity": SPARSITY,
-      "steps_measured": steps,
+      "steps_measured": rounds * block,
   }
-  result.update(train_step_ratios(steps, warmup))
-  result.update(shrink_speedup(steps * 3, warmup))
+  result.update(train_step_ratios(rounds, block, warmup))
+  result.update(shrink_speedup(rounds, 4 * block, warmup))
   for k, v in result.items():
     if isinstance(v, float):
-      result[k] = round(v, 4)
+      result[k] = float(f"{v:.4g}")
   return result
 
 

@@ -3,9 +3,10 @@
 Mask updates must not sort every weight on every step (a full argsort dominates
 a training step). ``topk_masks`` finds the k-th largest score by radix select on
 the order-preserving integer image of float32 (three histogram passes over 11,
-11 and 10 bits), then breaks ties by position so that exactly k entries are
-kept. On the 784-300-100-10 MLP at 90% sparsity this is about 3x faster than a
-32-pass bisection and 5x faster than ``lax.top_k``.
+11 and 10 bits). The last histogram also counts the entries equal to the k-th
+largest: when all of them are kept (no tie to break, the usual case) the masks
+are one compare; otherwise ties are broken by position (a cumulative sum) so
+that exactly k entries are kept.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def _sortable_bits(x: jax.Array) -> jax.Array:
   """
   x = x.astype(jnp.float32)
   nan = jnp.isnan(x)
-  x = jnp.where(nan, 0.0, x) + 0.0  # -0.0 -> +0.0 so that both zeros tie
+  # -0.0 -> +0.0 so that both zeros tie (a compare: XLA folds `x + 0.0` into `x`).
+  x = jnp.where(nan | (x == 0.0), 0.0, x)
   b = jax.lax.bitcast_convert_type(x, jnp.uint32)
   neg = (b >> 31) == 1
   b = jnp.where(neg, ~b, b | jnp.uint32(0x80000000))
@@ -31,11 +33,17 @@ def _sortable_bits(x: jax.Array) -> jax.Array:
   return jnp.where(nan, jnp.uint32(0), b)
 
 
-def _kth_largest_bits(bits: Sequence[jax.Array], k: jax.Array) -> jax.Array:
+def _kth_largest_bits(
+    bits: Sequence[jax.Array], k: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Largest t with ``count(bits >= t) >= k`` over all arrays (``k >= 1``).
 
   Radix select: three passes, each a histogram of the next 11/11/10 bits of the
   entries that share the prefix found so far.
+
+  Returns:
+    ``(t, need, n_eq)``: the threshold, how many of the entries equal to ``t``
+    are kept (``1 <= need <= n_eq``), and how many entries equal ``t``.
   """
   prefix = jnp.uint32(0)
   need = k
@@ -45,17 +53,16 @@ def _kth_largest_bits(bits: Sequence[jax.Array], k: jax.Array) -> jax.Array:
     top = shift + width
     for b in bits:
       digit = ((b >> shift) & (nbins - 1)).astype(jnp.int32).reshape(-1)
-      if top < 32:
-        same = ((b >> top) == (prefix >> top)).astype(jnp.int32).reshape(-1)
-        hist = hist.at[digit].add(same)
-      else:
-        hist = hist.at[digit].add(1)
+      if top < 32:  # entries off the prefix get an out-of-range bin: dropped
+        same = ((b >> top) == (prefix >> top)).reshape(-1)
+        digit = jnp.where(same, digit, nbins)
+      hist = hist.at[digit].add(1, mode="drop")
     from_top = jnp.cumsum(hist[::-1])  # from_top[i]: entries with digit >= nbins-1-i
     i = jnp.argmax(from_top >= need)
     d = nbins - 1 - i
     need = need - (from_top[i] - hist[d])
     prefix = prefix | (d.astype(jnp.uint32) << shift)
-  return prefix
+  return prefix, need, hist[d]
 
 
 def topk_masks(scores: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]:
@@ -80,15 +87,19 @@ def topk_masks(scores: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Arra
   bits = [_sortable_bits(s) for s in scores]
   total = sum(int(s.size) for s in scores)
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
-  t = _kth_largest_bits(bits, jnp.maximum(k, 1))
-  above = [b > t for b in bits]
-  need = k - sum(jnp.sum(a, dtype=jnp.int32) for a in above)  # ties to take
-  masks = []
-  taken = jnp.int32(0)
-  for b, a in zip(bits, above):
-    eq = (b == t).reshape(-1)
-    rank = jnp.cumsum(eq, dtype=jnp.int32) - 1 + taken
-    tie_keep = (eq & (rank < need)).reshape(b.shape)
-    taken = taken + jnp.sum(eq, dtype=jnp.int32)
-    masks.append((a | tie_keep) & (k > 0))
-  return masks
+  t, need, n_eq = _kth_largest_bits(bits, jnp.maximum(k, 1))
+
+  def keep_all_ties(_):
+    return [b >= t for b in bits]
+
+  def keep_first_ties(_):  # ties go to earlier arrays, then to lower flat indices
+    masks, taken = [], jnp.int32(0)
+    for b in bits:
+      eq = (b == t).reshape(-1)
+      rank = jnp.cumsum(eq, dtype=jnp.int32) - 1 + taken
+      masks.append((b > t) | (eq & (rank < need)).reshape(b.shape))
+      taken = taken + jnp.sum(eq, dtype=jnp.int32)
+    return masks
+
+  masks = jax.lax.cond(need == n_eq, keep_all_ties, keep_first_ties, None)
+  return [m & (k > 0) for m in masks]

@@ -89,7 +89,11 @@ class Stage:
     return value, params, state
 
   def update_mask(self, state: PyTree) -> Array | None:
-    """A boolean array (True = keep) for the optimizer to hold fixed, or None."""
+    """A boolean array (True = keep) for the optimizer to hold at zero, or None.
+
+    ``jc.masked_optimizer`` freezes the trainable weight where this mask is
+    False and keeps its optimizer moments at zero there.
+    """
     del state
     return None
 

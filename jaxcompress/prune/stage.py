@@ -99,6 +99,12 @@ class Prune(Stage):
     straight_through: if True the dense weight keeps training (gradients pass
       through the mask to every weight) and pruned weights are not zeroed.
 
+  The model always sees exact zeros where the mask is False. Otherwise the
+  trainable weight is zeroed where a recompute prunes it (at init it keeps its
+  values, so a criterion that reads gradients can still revive them at its
+  first update) and ``jc.masked_optimizer`` freezes it and keeps its moments
+  at zero between recomputes.
+
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
     >>> sched = jc.schedules.polynomial(0.0, 0.75, begin_step=0, end_step=2)
@@ -198,18 +204,18 @@ class Prune(Stage):
 
     def recompute(_):
       scores = [self.criterion.score(v, a, c) for v, a, c in zip(values, accum, ctxs)]
-      return self._masks(values, scores, paths, step)
+      masks = self._masks(values, scores, paths, step)
+      if self.straight_through:
+        return masks, list(values)
+      # Newly pruned weights are zeroed once, here; between recomputes the
+      # masked optimizer keeps them at zero (and apply masks them regardless).
+      return masks, [jnp.where(m, v, jnp.zeros_like(v)) for m, v in zip(masks, values)]
 
     def keep(_):
-      return [s.mask for s in states]
+      return [s.mask for s in states], list(values)
 
-    masks = jax.lax.cond(due, recompute, keep, None)
-    out = []
-    for v, m, a in zip(values, masks, accum):
-      if not self.straight_through:
-        v = jnp.where(m, v, jnp.zeros_like(v))
-      out.append((v, None, PruneState(m, a)))
-    return out
+    masks, values = jax.lax.cond(due, recompute, keep, None)
+    return [(v, None, PruneState(m, a)) for v, m, a in zip(values, masks, accum)]
 
 
 # The group computations of a pruning stage run as one compiled function, so

@@ -43,9 +43,11 @@ def test_nan_and_inf_do_not_crash_and_rank_as_documented():
   assert np.asarray(m).tolist() == [False, True, True, True, True, False]
 
 
-def test_negative_zero_ties_with_zero():
+@pytest.mark.parametrize("jit", [False, True])
+def test_negative_zero_ties_with_zero(jit):
   x = jnp.array([-0.0, 0.0, -0.0, 1.0])
-  (m,) = topk_masks([x], 2)
+  f = jax.jit(topk_masks) if jit else topk_masks
+  (m,) = f([x], 2)
   assert np.asarray(m).tolist() == [True, False, False, True]
 
 

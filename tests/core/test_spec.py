@@ -214,3 +214,4 @@ def test_state_after_jit_is_accepted_whatever_the_stage_order():
   t, s = jax.jit(spec.update)(t, s, 1)
   out = jax.jit(spec.apply)(t, s)
   assert float(jnp.mean(out["a"]["kernel"] == 0)) >= 0.5
+

@@ -1,3 +1,7 @@
+import importlib.util
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -276,3 +280,19 @@ def test_chain_and_activation_arguments_checked():
     shrink_dense_chain(params, CHAIN, activation=[jax.nn.relu] * 3)
   with pytest.raises(TypeError, match=r"activation must be the elementwise function"):
     shrink_dense_chain(params, CHAIN, activation="relu")
+
+
+# --- the benchmark (quick mode) ---------------------------------------------
+
+
+def test_pruning_benchmark_quick_run():
+  path = pathlib.Path(__file__).parents[2] / "benchmarks" / "pruning.py"
+  spec = importlib.util.spec_from_file_location("pruning_benchmark", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  result = bench.main(quick=True)
+  assert set(result) >= {"apply_ratio", "update_every_step_ratio", "shrink_speedup"}
+  assert all(result[k] > 0 for k in ("apply_ratio", "update_every_step_ratio", "shrink_speedup"))
+  assert result["shrink_features"] == [75, 25, 10]  # 784-300-100-10 with 75% of hidden channels cut
+  assert result["shrink_max_abs_diff"] < 1e-4
+  json.dumps(result)
