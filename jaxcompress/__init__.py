@@ -6,6 +6,7 @@ from jaxcompress.core.spec import Compressed, LeafState, Rule, Spec
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.train import (
     TrainState,
+    compression_update,
     init_train_state,
     make_train_step,
     masked_optimizer,
@@ -21,10 +22,11 @@ __all__ = [
     "TrainState",
     "UpdateContext",
     "cluster",
+    "compression_update",
     "distill",
     "init_train_state",
-    "make_train_step",
     "lowrank",
+    "make_train_step",
     "masked_optimizer",
     "prune",
     "quant",

@@ -188,6 +188,56 @@ def train_state_shardings(
   )
 
 
+def compression_update(
+    ts: TrainState,
+    loss_of_params: Callable[[PyTree], Any],
+    spec: Spec,
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    stats_fn: Callable[[Any], dict] | None = None,
+) -> tuple[TrainState, dict]:
+  """One compression-aware update, the body of every step builder (not jitted).
+
+  ``spec.apply`` runs inside the differentiated function; the optimizer
+  updates the trainables (with ``masks=`` for ``jc.masked_optimizer``); then
+  ``spec.update`` gets the gradient with respect to the model params. Use it to
+  write a custom step: ``jax.jit(lambda ts, b: compression_update(ts, ...))``.
+
+  Args:
+    ts: the current ``TrainState``.
+    loss_of_params: ``loss_of_params(model_params) -> loss`` (or ``(loss, aux)``).
+    spec, optimizer: the ones ``ts`` was built with.
+    has_aux: whether ``loss_of_params`` returns ``(loss, aux)``.
+    stats_fn: maps ``aux`` to ``spec.update``'s ``stats``.
+
+  Returns:
+    ``(new_state, {"loss": ..., "aux": ...})``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jaxcompress as jc
+    >>> spec, opt = jc.Spec([]), optax.sgd(0.5)
+    >>> ts = jc.init_train_state(spec, opt, {"w": jnp.ones(2)})
+    >>> ts, m = jc.compression_update(ts, lambda p: jnp.sum(p["w"] ** 2), spec, opt)
+    >>> ts.trainable["w"].tolist(), float(m["loss"])
+    ([0.0, 0.0], 2.0)
+  """
+  opt = optax.with_extra_args_support(optimizer)
+  model_params, pullback = jax.vjp(lambda t: spec.apply(t, ts.spec_state), ts.trainable)
+  out, g_model = jax.value_and_grad(loss_of_params, has_aux=has_aux)(model_params)
+  loss, aux = out if has_aux else (out, None)
+  (g_trainable,) = pullback(g_model)
+  masks = spec.update_masks(ts.trainable, ts.spec_state)
+  updates, opt_state = opt.update(g_trainable, ts.opt_state, ts.trainable, masks=masks)
+  trainable = optax.apply_updates(ts.trainable, updates)
+  stats = stats_fn(aux) if stats_fn is not None else None
+  trainable, spec_state = spec.update(
+      trainable, ts.spec_state, ts.step, grads=g_model, stats=stats, key=ts.key
+  )
+  new = TrainState(optax.safe_increment(ts.step), trainable, spec_state, opt_state, ts.key)
+  return new, {"loss": loss, "aux": aux}
+
+
 def make_train_step(
     loss_fn: Callable[..., Any],
     spec: Spec,
@@ -226,22 +276,11 @@ def make_train_step(
     >>> (spec.apply(ts.trainable, ts.spec_state)["w"] == 0).sum().item()
     2
   """
-  opt = optax.with_extra_args_support(optimizer)
 
   def step_fn(ts: TrainState, batch):
-    model_params, pullback = jax.vjp(lambda t: spec.apply(t, ts.spec_state), ts.trainable)
-    out, g_model = jax.value_and_grad(loss_fn, has_aux=has_aux)(model_params, batch)
-    loss, aux = out if has_aux else (out, None)
-    (g_trainable,) = pullback(g_model)
-    masks = spec.update_masks(ts.trainable, ts.spec_state)
-    updates, opt_state = opt.update(g_trainable, ts.opt_state, ts.trainable, masks=masks)
-    trainable = optax.apply_updates(ts.trainable, updates)
-    stats = stats_fn(aux) if stats_fn is not None else None
-    trainable, spec_state = spec.update(
-        trainable, ts.spec_state, ts.step, grads=g_model, stats=stats, key=ts.key
+    return compression_update(
+        ts, lambda p: loss_fn(p, batch), spec, optimizer, has_aux=has_aux, stats_fn=stats_fn
     )
-    new = TrainState(optax.safe_increment(ts.step), trainable, spec_state, opt_state, ts.key)
-    return new, {"loss": loss, "aux": aux}
 
   jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
   if state_shardings is not None:

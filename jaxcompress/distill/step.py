@@ -31,7 +31,7 @@ import jax
 import optax
 
 from jaxcompress.core.spec import Spec
-from jaxcompress.train import TrainState
+from jaxcompress.train import TrainState, compression_update
 
 PyTree = Any
 
@@ -102,7 +102,6 @@ def make_distill_step(
     )
   if teacher_spec is not None and not isinstance(teacher_spec, Spec):
     raise TypeError(f"make_distill_step: teacher_spec must be a jc.Spec or None, got {teacher_spec!r}.")
-  opt = optax.with_extra_args_support(optimizer)
 
   def teacher_params_of(teacher):
     if teacher_spec is None:
@@ -116,21 +115,14 @@ def make_distill_step(
 
   def step_fn(ts: TrainState, teacher, batch):
     teacher_out = jax.lax.stop_gradient(teacher_fn(teacher_params_of(teacher), batch))
-    student_params, pullback = jax.vjp(lambda t: spec.apply(t, ts.spec_state), ts.trainable)
-    out, g_model = jax.value_and_grad(
-        lambda p: loss_fn(p, batch, teacher_out, ts.step), has_aux=has_aux
-    )(student_params)
-    loss, aux = out if has_aux else (out, None)
-    (g_trainable,) = pullback(g_model)
-    masks = spec.update_masks(ts.trainable, ts.spec_state)
-    updates, opt_state = opt.update(g_trainable, ts.opt_state, ts.trainable, masks=masks)
-    trainable = optax.apply_updates(ts.trainable, updates)
-    stats = stats_fn(aux) if stats_fn is not None else None
-    trainable, spec_state = spec.update(
-        trainable, ts.spec_state, ts.step, grads=g_model, stats=stats, key=ts.key
+    return compression_update(
+        ts,
+        lambda p: loss_fn(p, batch, teacher_out, ts.step),
+        spec,
+        optimizer,
+        has_aux=has_aux,
+        stats_fn=stats_fn,
     )
-    new = TrainState(optax.safe_increment(ts.step), trainable, spec_state, opt_state, ts.key)
-    return new, {"loss": loss, "aux": aux}
 
   jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
   if state_shardings is not None or teacher_shardings is not None or batch_sharding is not None:
