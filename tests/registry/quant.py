@@ -29,4 +29,6 @@ CASES = [
         "quant_prune_then_lsq_int8",
         lambda: [jc.prune.magnitude(sparsity=0.5), jq.LSQ(bits=8)],
     ),
+    # Low-rank then quantize: each factor is fake-quantized, with its own step.
+    Case("quant_lowrank_then_lsq_int8", lambda: [jc.lowrank.svd(rank=4), jq.LSQ(bits=8)]),
 ]
