@@ -12,6 +12,17 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "Schedule",
+    "ScalarOrSchedule",
+    "as_schedule",
+    "constant",
+    "cosine",
+    "linear",
+    "piecewise",
+    "polynomial",
+]
+
 Schedule = Callable[[jax.Array | int], jax.Array]
 ScalarOrSchedule = float | Schedule
 
