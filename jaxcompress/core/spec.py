@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from jaxcompress.core import sharding as _sharding
 from jaxcompress.core.paths import parent, path_str
-from jaxcompress.core.stage import Stage, UpdateContext, materialize
+from jaxcompress.core.stage import Stage, UpdateContext
+from jaxcompress.core.stage import materialize as _materialize
 
 PyTree = Any
 
@@ -287,10 +288,18 @@ class Spec:
     return rebuild([stage.apply(v, p, s) for v, p, s in zip(parts, ps, ss)])
 
   # ----- apply -------------------------------------------------------------
-  def apply(self, trainable: PyTree, state: PyTree) -> PyTree:
+  def apply(self, trainable: PyTree, state: PyTree, *, materialize: bool = True) -> PyTree:
     """The model params: the structure, shapes and dtypes of the original params.
 
     Differentiable with respect to ``trainable``.
+
+    Args:
+      trainable, state: from ``init`` or ``update``.
+      materialize: if False, a leaf whose stages end in factors (low-rank) is
+        returned as those factors, not multiplied out, for factorized inference.
+
+    Returns:
+      The model params.
     """
     t_leaves, treedef = self._flatten(trainable)
     s_leaves = treedef.flatten_up_to(state)
@@ -309,7 +318,7 @@ class Spec:
       value = t.weight if isinstance(t, Compressed) else t
       for stage, k in zip(rule.stages, rule.keys):
         value = self._apply_stage(stage, value, params.get(k), s.stages[k])
-      out.append(materialize(value))
+      out.append(_materialize(value) if materialize else value)
     return treedef.unflatten(out)
 
   def _rule_for_state(self, s: LeafState) -> Rule:

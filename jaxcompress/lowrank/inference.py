@@ -38,52 +38,17 @@ from jaxcompress.lowrank.stage import SVD
 PyTree = Any
 
 
-def _is_node(x: Any) -> bool:
-  return isinstance(x, (Compressed, LeafState))
-
-
-def _value(spec: Spec, t: Any, s: LeafState) -> Any:
-  """The leaf's value after its rule's stages, with factors not multiplied out."""
-  if not isinstance(s, LeafState):
-    raise TypeError(
-        f"Expected the state returned by spec.init/spec.update, got a leaf state of type "
-        f"{type(s).__name__}."
-    )
-  if not s.stages:
-    return t
-  if not 0 <= s.rule < len(spec.rules) or spec.rules[s.rule].keys != tuple(s.stages):
-    raise ValueError(
-        f"A leaf state has stages {tuple(s.stages)} from rule #{s.rule}, which this spec does "
-        "not have: the state comes from a different spec."
-    )
-  rule = spec.rules[s.rule]
-  params = t.params if isinstance(t, Compressed) else {}
-  value = t.weight if isinstance(t, Compressed) else t
-  for stage, k in zip(rule.stages, rule.keys):
-    p, st = params.get(k), s.stages[k]
-    if stage.replaces_weight:
-      value = stage.apply(None, p, st)
-    elif hasattr(value, "materialize"):
-      parts, treedef = jax.tree_util.tree_flatten(value)
-      ps = list(p) if p is not None else [None] * len(parts)
-      ss = list(st) if st is not None else [None] * len(parts)
-      value = treedef.unflatten([stage.apply(v, pp, sp) for v, pp, sp in zip(parts, ps, ss)])
-    else:
-      value = stage.apply(materialize(value), p, st)
-  return value
-
-
 def _leaf_values(spec: Spec, trainable: PyTree, state: PyTree):
   """``(key path, value, is_dense_factors)`` per leaf, and the tree's structure."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=_is_node)
+  is_node = lambda x: isinstance(x, (Compressed, LeafState))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=is_node)
   states = treedef.flatten_up_to(state)
+  values = treedef.flatten_up_to(spec.apply(trainable, state, materialize=False))
   out = []
-  for (kp, t), s in zip(flat, states):
-    v = _value(spec, t, s)
-    rule = spec.rules[s.rule] if s.stages else None
+  for (kp, _), s, v in zip(flat, states, values):
     is_dense = (
-        rule is not None
-        and isinstance(rule.stages[0], SVD)
+        bool(s.stages)
+        and isinstance(spec.rules[s.rule].stages[0], SVD)
         and isinstance(v, Factors)
         and len(v.shape) == 2
     )
