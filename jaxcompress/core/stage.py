@@ -27,7 +27,6 @@ import dataclasses
 from typing import Any, ClassVar, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 
 Array = jax.Array
 PyTree = Any
@@ -146,8 +145,4 @@ class Stage:
 
 def materialize(value: Any) -> Array:
   """Turns a stage-chain value into a dense array (factors are multiplied out)."""
-  if isinstance(value, (jax.Array, jnp.ndarray)) or hasattr(value, "shape") and not hasattr(
-      value, "materialize"
-  ):
-    return value
-  return value.materialize()
+  return value.materialize() if hasattr(value, "materialize") else value
