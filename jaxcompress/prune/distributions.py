@@ -20,6 +20,10 @@ import jax.numpy as jnp
 from jaxcompress.core.select import topk_masks
 
 
+def _one(mask: jax.Array | None) -> list[jax.Array] | None:
+  return None if mask is None else [mask]
+
+
 def _n_keep(size: int, density: jax.Array) -> jax.Array:
   return jnp.round(density * size).astype(jnp.int32)
 
@@ -35,7 +39,12 @@ class Distribution:
   """
 
   def masks(
-      self, scores: Sequence[jax.Array], sparsity: jax.Array, *, shapes: Sequence[tuple[int, ...]]
+      self,
+      scores: Sequence[jax.Array],
+      sparsity: jax.Array,
+      *,
+      shapes: Sequence[tuple[int, ...]],
+      previous: Sequence[jax.Array] | None = None,
   ) -> list[jax.Array]:
     """One bool keep-mask per score array.
 
@@ -43,6 +52,8 @@ class Distribution:
       scores: float32 unit scores, one array per leaf.
       sparsity: the target fraction of units removed (a float32 scalar).
       shapes: the weight shape of each leaf (what ERK reads).
+      previous: the unit masks of the last update, or None: a guess that
+        ``topk_masks`` checks in one pass and returns when it is still exact.
 
     Returns:
       Bool masks of the shapes of ``scores``.
@@ -62,9 +73,13 @@ class Uniform(Distribution):
     [[False, True], [False, True]]
   """
 
-  def masks(self, scores, sparsity, *, shapes=()):
+  def masks(self, scores, sparsity, *, shapes=(), previous=None):
     del shapes
-    return [topk_masks([s], _n_keep(s.size, 1.0 - sparsity))[0] for s in scores]
+    prev = previous if previous is not None else [None] * len(scores)
+    return [
+        topk_masks([s], _n_keep(s.size, 1.0 - sparsity), previous=_one(p))[0]
+        for s, p in zip(scores, prev)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +97,10 @@ class Global(Distribution):
     [[False, False], [True, True]]
   """
 
-  def masks(self, scores, sparsity, *, shapes=()):
+  def masks(self, scores, sparsity, *, shapes=(), previous=None):
     del shapes
-    return topk_masks(list(scores), _n_keep(sum(s.size for s in scores), 1.0 - sparsity))
+    k = _n_keep(sum(s.size for s in scores), 1.0 - sparsity)
+    return topk_masks(list(scores), k, previous=previous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +170,10 @@ class ERK(Distribution):
       out.append(jnp.where(pick > rank, 1.0, jnp.clip(e * r, 0.0, 1.0)))
     return jnp.stack(out).astype(jnp.float32)
 
-  def masks(self, scores, sparsity, *, shapes):
+  def masks(self, scores, sparsity, *, shapes, previous=None):
     d = self.densities(shapes, sparsity)
-    return [topk_masks([s], _n_keep(s.size, d[i]))[0] for i, s in enumerate(scores)]
+    prev = previous if previous is not None else [None] * len(scores)
+    return [
+        topk_masks([s], _n_keep(s.size, d[i]), previous=_one(prev[i]))[0]
+        for i, s in enumerate(scores)
+    ]

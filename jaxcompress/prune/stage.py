@@ -159,12 +159,18 @@ class Prune(Stage):
       )
 
   # -- masks -----------------------------------------------------------------
-  def _masks(self, values, scores, paths, step) -> list[jax.Array]:
+  def _masks(self, values, scores, paths, step, previous=None) -> list[jax.Array]:
     if self.structure.density is not None:
       return [self.structure.select(s, p) for s, p in zip(scores, paths)]
     sparsity = jnp.asarray(as_schedule(self.sparsity, name="sparsity")(step), jnp.float32)
     units = [self.structure.reduce(s, p) for s, p in zip(scores, paths)]
-    keep = self.distribution.masks(units, sparsity, shapes=[tuple(v.shape) for v in values])
+    if previous is not None:  # last update's unit masks: checked, reused when still exact
+      previous = [self.structure.unit_mask(m) for m in previous]
+      if any(m is None for m in previous):
+        previous = None
+    keep = self.distribution.masks(
+        units, sparsity, shapes=[tuple(v.shape) for v in values], previous=previous
+    )
     return [self.structure.expand(k, tuple(v.shape)) for k, v in zip(keep, values)]
 
   def init_group(self, values, *, paths, keys):
@@ -204,7 +210,7 @@ class Prune(Stage):
 
     def recompute(_):
       scores = [self.criterion.score(v, a, c) for v, a, c in zip(values, accum, ctxs)]
-      masks = self._masks(values, scores, paths, step)
+      masks = self._masks(values, scores, paths, step, [s.mask for s in states])
       if self.straight_through:
         return masks, list(values)
       # Newly pruned weights are zeroed once, here; between recomputes the

@@ -52,6 +52,14 @@ class Structure:
     del shape
     return keep
 
+  def unit_mask(self, mask: jax.Array) -> jax.Array | None:
+    """The unit keep-mask that ``expand`` turned into the weight ``mask``.
+
+    None where a structure cannot say (then mask updates run a full select).
+    """
+    del mask
+    return None
+
   def select(self, score: jax.Array, path: str) -> jax.Array:
     """The mask of a fixed-density structure (``NM``); others raise."""
     raise NotImplementedError(f"{type(self).__name__} has no fixed density.")
@@ -65,6 +73,9 @@ class Unstructured(Structure):
     >>> import jax.numpy as jnp, jaxcompress as jc
     >>> stage = jc.prune.Prune(sparsity=0.9, structure=jc.prune.Unstructured())
   """
+
+  def unit_mask(self, mask):
+    return mask
 
 
 def _reduction_axis(name: str, axis: int | None, shape: tuple[int, ...], path: str) -> int:
@@ -225,6 +236,9 @@ class Block(Structure):
     split = score.reshape(self._split(score.shape))
     return jnp.sum(split, axis=tuple(range(1, split.ndim, 2)))
 
+  def unit_mask(self, mask):  # the first weight of every block
+    return mask[tuple(slice(None, None, b) for b in self.shape)]
+
   def expand(self, keep, shape):
     split = self._split(shape)
     ones = tuple(x for u in keep.shape for x in (u, 1))
@@ -256,6 +270,9 @@ class Channel(Structure):
   def reduce(self, score, path):
     self.check(score.shape, path)
     return jnp.sqrt(jnp.sum(jnp.square(score), axis=tuple(range(score.ndim - 1))))
+
+  def unit_mask(self, mask):  # the first row of every channel
+    return mask[(0,) * (mask.ndim - 1)]
 
   def expand(self, keep, shape):
     return jnp.broadcast_to(keep, shape)

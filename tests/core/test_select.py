@@ -64,3 +64,122 @@ def test_uses_no_sort():
   names = {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
   assert "scatter-add" in names or "scatter_add" in names
   assert not {"sort", "top_k", "approx_top_k"} & names
+
+
+def _random_masks_keeping(rng, shapes, k):
+  sizes = [int(np.prod(s)) for s in shapes]
+  flat = np.zeros(sum(sizes), bool)
+  flat[rng.permutation(flat.size)[:k]] = True
+  return [m.reshape(s) for m, s in zip(np.split(flat, np.cumsum(sizes)[:-1]), shapes)]
+
+
+def _exact_tree(a):
+  return [np.asarray(x) for x in a]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_previous_masks_never_change_the_answer(seed):
+  """Whatever guess is given, the result is the numpy reference's."""
+  rng = np.random.default_rng(100 + seed)
+  a = rng.normal(size=(11, 5)).astype(np.float32)
+  b = rng.integers(-2, 3, size=(17,)).astype(np.float32)  # ties
+  a[rng.integers(0, 11), rng.integers(0, 5)] = np.nan
+  k = int(rng.integers(0, a.size + b.size + 1))
+  ref = reference([a, b], k)
+  guesses = [
+      ref,  # the answer itself
+      reference([a, b], max(k - 1, 0)),  # the answer for another k
+      [rng.random(a.shape) < 0.5, rng.random(b.shape) < 0.5],  # noise
+      [np.zeros(a.shape, bool), np.zeros(b.shape, bool)],
+      [np.ones(a.shape, bool), np.ones(b.shape, bool)],
+      _random_masks_keeping(rng, [a.shape, b.shape], k),  # right count, wrong entries
+  ]
+  f = jax.jit(lambda s, k, p: topk_masks(s, k, previous=p))
+  for guess in guesses:
+    got = f([a, b], k, [jnp.asarray(g) for g in guess])
+    for g, r in zip(_exact_tree(got), ref):
+      np.testing.assert_array_equal(g, r)
+
+
+def test_a_guess_that_breaks_a_tie_differently_is_not_taken():
+  x = jnp.array([1.0, 2.0, 2.0, 0.5])
+  wrong = jnp.array([False, False, True, False])  # keeps the later of the tied 2.0s
+  (m,) = topk_masks([x], 1, previous=[wrong])
+  assert np.asarray(m).tolist() == [False, True, False, False]
+
+
+def test_still_exact_predicate():
+  from jaxcompress.core.select import _check_guess, _sortable_bits
+
+  def _still_exact(previous, bits, k):
+    return _check_guess(previous, bits, k)[0]
+
+  x = jnp.array([0.0, 3.0, 0.0, -2.0, 1.0])
+  bits = [_sortable_bits(jnp.abs(x))]
+  right = [jnp.array([False, True, False, True, False])]
+  assert bool(_still_exact(right, bits, jnp.int32(2)))
+  assert not bool(_still_exact(right, bits, jnp.int32(3)))  # k moved
+  swapped = [jnp.array([False, True, False, False, True])]
+  assert not bool(_still_exact(swapped, bits, jnp.int32(2)))  # 1 kept, 2 dropped
+  zeros = [jnp.array([True, False, False, False, False])]
+  assert not bool(_still_exact(zeros, bits, jnp.int32(1)))  # a tie at 0 across the cut
+  assert bool(_still_exact([jnp.zeros(5, bool)], bits, jnp.int32(0)))
+  assert bool(_still_exact([jnp.ones(5, bool)], [_sortable_bits(x * jnp.nan)], jnp.int32(5)))
+
+
+def test_previous_must_match_the_scores():
+  with pytest.raises(ValueError, match="one mask per score array"):
+    topk_masks([jnp.ones(3)], 1, previous=[jnp.ones(4, bool)])
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e30])
+@pytest.mark.parametrize("drift", [0.0, 1e-6, 1e-3, 0.5])
+def test_band_from_the_last_masks_finds_the_exact_answer(scale, drift):
+  """Guesses from slightly older scores give narrow bands (one pass) or wide ones (two)."""
+  rng = np.random.default_rng(7)
+  old = (rng.standard_t(3, size=(300, 40)) * scale).astype(np.float32)
+  new = (old * (1 + drift * rng.normal(size=old.shape))).astype(np.float32)
+  f = jax.jit(lambda s, k, p: topk_masks(s, k, previous=p))
+  for k in (1, 17, 1200, 11999, 12000):
+    guess = reference([np.abs(old)], k)
+    (got,) = f([np.abs(new)], k, [jnp.asarray(guess[0])])
+    np.testing.assert_array_equal(np.asarray(got), reference([np.abs(new)], k)[0])
+
+
+def test_band_limits_hold_for_a_wrong_guess_with_the_right_count():
+  from jaxcompress.core.select import _check_guess, _kth_largest_bits, _sortable_bits
+
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(64, 9)).astype(np.float32)
+  bits = [_sortable_bits(jnp.asarray(x))]
+  for k in (1, 5, 300, 576):
+    guess = [jnp.asarray(m) for m in _random_masks_keeping(rng, [x.shape], k)]
+    still, lo, hi = _check_guess(guess, bits, jnp.int32(k))
+    t, _, _ = _kth_largest_bits(bits, jnp.int32(k))
+    assert int(lo) <= int(t) <= int(hi)
+    t_band, _, _ = _kth_largest_bits(bits, jnp.int32(k), lo, hi)
+    assert int(t_band) == int(t)
+
+
+@pytest.mark.parametrize("span_bits", [0, 5, 16, 17, 18, 19, 20, 25, 32])
+def test_every_refinement_step_against_numpy(span_bits):
+  """Bands whose second step is none, a counting pass, or a histogram."""
+  from jaxcompress.core.select import _kth_largest_bits
+
+  rng = np.random.default_rng(span_bits)
+  lo = np.uint32(0x9000_0000) if span_bits < 32 else np.uint32(0)
+  span = (1 << span_bits) - 1
+  # Entries inside the band (with repeats, so ties) and some on either side.
+  inside = lo + rng.integers(0, span + 1, size=400, dtype=np.uint64).astype(np.uint32)
+  inside[:40] = inside[40:80]
+  outside = np.concatenate([np.full(30, lo - 5 if lo else 0), np.full(20, lo + span + 3)]).astype(
+      np.uint32
+  ) if span_bits < 32 else np.zeros(0, np.uint32)
+  bits = np.concatenate([inside, outside])
+  desc = np.sort(bits)[::-1]
+  n_above = int((bits > lo + span).sum()) if span_bits < 32 else 0
+  for k in (n_above + 1, n_above + 7, n_above + 200, n_above + 400):
+    t = desc[k - 1]
+    want = (int(t), int(k - (bits > t).sum()), int((bits == t).sum()))
+    got = _kth_largest_bits([jnp.asarray(bits)], jnp.int32(k), jnp.uint32(lo), jnp.uint32(lo + span))
+    assert tuple(int(v) for v in got) == want

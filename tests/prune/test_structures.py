@@ -105,3 +105,35 @@ def test_channel_global_competes_across_leaves():
   ea, eb = keep_topk_many([channel_scores(np.abs(a)), channel_scores(np.abs(b))], n_keep(9, 0.5))
   np.testing.assert_array_equal(ka, np.broadcast_to(ea, a.shape))
   np.testing.assert_array_equal(kb, np.broadcast_to(eb, b.shape))
+
+
+@pytest.mark.parametrize(
+    "structure, units",
+    [
+        (jc.prune.Unstructured(), (6, 4)),
+        (jc.prune.Block((2, 2)), (3, 2)),
+        (jc.prune.Block((1, 4)), (6, 1)),
+        (jc.prune.Channel(), (4,)),
+    ],
+)
+def test_unit_mask_inverts_expand(structure, units):
+  keep = np.random.default_rng(0).random(units) < 0.5
+  full = structure.expand(jnp.asarray(keep), (6, 4))
+  np.testing.assert_array_equal(np.asarray(structure.unit_mask(full)), keep)
+
+
+def test_recomputed_masks_match_a_fresh_selection_every_step():
+  """Masks reused from the last update (when still exact) equal a selection from scratch."""
+  params = {"a": jnp.asarray(np.random.default_rng(1).normal(size=(8, 12)), jnp.float32)}
+  for structure in (jc.prune.Unstructured(), jc.prune.Block((2, 3)), jc.prune.Channel()):
+    stage = jc.prune.magnitude(sparsity=0.5, structure=structure, straight_through=True)
+    spec = jc.Spec([jc.Rule("a", [stage])])
+    t, s = spec.init(params)
+    for step in range(4):
+      t = jax.tree.map(lambda w: w + 0.3 * jnp.sin(w * 7.0 + step), t)  # reorders some scores
+      t, s = jax.jit(spec.update)(t, s, step)
+      fresh = jc.Spec([jc.Rule("a", [jc.prune.magnitude(sparsity=0.5, structure=structure)])])
+      _, s_fresh = fresh.init(t)
+      np.testing.assert_array_equal(
+          np.asarray(s["a"].stages["prune"].mask), np.asarray(s_fresh["a"].stages["prune"].mask)
+      )
