@@ -220,7 +220,10 @@ class Prune(Stage):
     def keep(_):
       return [s.mask for s in states], list(values)
 
-    masks, values = jax.lax.cond(due, recompute, keep, None)
+    if self.end_step is not None and self.end_step <= self.begin_step:
+      masks, values = keep(None)  # a one-shot mask made at init: never recomputed
+    else:
+      masks, values = jax.lax.cond(due, recompute, keep, None)
     return [(v, None, PruneState(m, a)) for v, m, a in zip(values, masks, accum)]
 
 
