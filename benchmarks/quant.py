@@ -179,8 +179,12 @@ def main(quick: bool = False, gpu: bool = False) -> dict:
   med = _interleaved(runners, steps, warmup)
   result: dict[str, Any] = {
       "device": jax.devices()[0].device_kind,
-      "model": "mlp_block_d4096_ffn16384_t8192_bf16" if gpu and not quick else
-               "mlp_784_1024_1024_10_b256_f32" if not quick else "quick",
+      "model": {
+          (True, False): "mlp_block_d4096_ffn16384_t8192_bf16",
+          (True, True): "quick_mlp_block_d512_ffn2048_t1024_bf16",
+          (False, False): "mlp_784_1024_1024_10_b256_f32",
+          (False, True): "quick_mlp_784_256_256_10_b64_f32",
+      }[(gpu, quick)],
       "steps": steps,
       "plain_ms": round(med["plain"] * 1e3, 3),
   }
