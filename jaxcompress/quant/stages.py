@@ -38,17 +38,31 @@ _RANGES = ("dynamic", "static")
 
 
 class QuantState(NamedTuple):
-  """State of a leaf with static scales.
+  """State of a leaf with static scales or stochastic rounding.
 
   Attributes:
-    scale: float32, shape ``granularity.scale_shape(weight.shape)``.
+    scale: float32, shape ``granularity.scale_shape(weight.shape)``; ``None``
+      with dynamic ranges.
     zero_point: the integer zero point (asymmetric formats) or ``None``.
-    ranges: the moving average of the calibrated ranges.
+    ranges: the moving average of the calibrated ranges (``None`` with
+      dynamic ranges).
+    key: with ``rounding="stochastic"``, the raw data (uint32) of the PRNG key
+      the next ``apply`` draws its rounding noise from; ``spec.update``
+      replaces it on every step. ``None`` otherwise.
   """
 
-  scale: Array
+  scale: Array | None
   zero_point: Array | None
-  ranges: _cal.RangeEMA
+  ranges: _cal.RangeEMA | None
+  key: Array | None = None
+
+
+def _key_data(key: Array) -> Array:
+  """The raw uint32 data of a typed or raw PRNG key."""
+  key = jnp.asarray(key)
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  return key.astype(jnp.uint32)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -98,6 +112,13 @@ class FakeQuant(_Quantizer):
     decay: static ranges only; moving-average decay of re-calibrated ranges
       (0: take the latest).
     estimator: ``"identity"`` or ``"clipped"`` straight-through gradient.
+    rounding: ``"nearest"`` (half to even) or ``"stochastic"``: unbiased
+      random rounding (up with probability equal to the fractional part),
+      with fresh noise on every step. Stochastic rounding keeps a PRNG key in
+      the state: ``spec.init`` needs ``key=``, and ``spec.update`` replaces it
+      on every step with its own ``key`` folded with the step, or without one
+      with the old key folded with the step. Within a step the noise is fixed,
+      so ``apply`` stays a pure function of ``(trainable, state)``.
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
@@ -105,6 +126,20 @@ class FakeQuant(_Quantizer):
     >>> t, s = spec.init({"w": jnp.array([0.0, 0.3, -1.0, 3.5])})
     >>> spec.apply(t, s)["w"].tolist()
     [0.0, 0.5, -1.0, 3.5]
+
+    Stochastic rounding, unbiased on average over steps:
+
+    >>> import jax
+    >>> sr = jc.quant.FakeQuant(bits=4, granularity=jc.quant.PerTensor(), rounding="stochastic")
+    >>> spec = jc.Spec([jc.Rule("w", [sr])])
+    >>> w = {"w": jnp.array([0.3, 3.5])}  # scale 0.5: 0.3 lies 60% of the way from 0 to 0.5
+    >>> t, s = spec.init(w, key=jax.random.key(0))
+    >>> draws = []
+    >>> for step in range(400):
+    ...   draws.append(spec.apply(t, s)["w"][0])
+    ...   t, s = spec.update(t, s, step)
+    >>> round(float(jnp.mean(jnp.stack(draws))), 1)
+    0.3
   """
 
   name: ClassVar[str] = "quant"
@@ -114,8 +149,13 @@ class FakeQuant(_Quantizer):
   update_every: int = 1
   decay: float = 0.0
   estimator: ste.Estimator = "identity"
+  rounding: numerics.Rounding = "nearest"
 
   def __post_init__(self):
+    if self.rounding not in ("nearest", "stochastic"):
+      raise ValueError(
+          f"FakeQuant: rounding={self.rounding!r}; use 'nearest' or 'stochastic'."
+      )
     if self.calibration is not None and not isinstance(self.calibration, _cal.Calibrator):
       raise TypeError(
           f"FakeQuant: calibration must be a Calibrator such as jc.quant.AbsMax() or "
@@ -134,34 +174,46 @@ class FakeQuant(_Quantizer):
     return cal(jax.lax.stop_gradient(value), self.fmt, self.granularity)
 
   def init(self, value, *, path, key):
-    del key
     self._check(value, path)
+    noise = None
+    if self.rounding == "stochastic":
+      if key is None:
+        raise ValueError(
+            f"FakeQuant(rounding='stochastic') at {path!r} draws rounding noise: pass "
+            "key=jax.random.key(...) to spec.init (jc.init_train_state(..., key=...))."
+        )
+      noise = _key_data(key)
     if self.ranges == "dynamic":
-      return None, None
+      return None, (None if noise is None else QuantState(None, None, None, noise))
     lo, hi = self._calibrate(value)
     scale, zp = numerics.scale_from_range(lo, hi, self.fmt)
     ema = _cal.ema_update(_cal.ema_init(lo.shape), lo, hi, self.decay)
-    return None, QuantState(scale, zp, ema)
+    return None, QuantState(scale, zp, ema, noise)
 
   def apply(self, value, params, state):
     del params
-    if state is None:
+    if state is None or state.scale is None:
       scale, zp = numerics.scale_from_range(*self._calibrate(value), self.fmt)
     else:
       scale, zp = state.scale, state.zero_point
+    key = None if state is None or state.key is None else jax.random.wrap_key_data(state.key)
     return ste.fake_quant_ste(
-        value, self.fmt, self.granularity, scale=scale, zero_point=zp, estimator=self.estimator
+        value, self.fmt, self.granularity, scale=scale, zero_point=zp, estimator=self.estimator,
+        rounding=self.rounding, key=key,
     )
 
   def update(self, value, params, state, ctx: UpdateContext):
-    if state is None or self.update_every == 0:
+    if state is not None and state.key is not None:  # fresh rounding noise every step
+      fresh = ctx.key if ctx.key is not None else jax.random.wrap_key_data(state.key)
+      state = state._replace(key=_key_data(jax.random.fold_in(fresh, ctx.step)))
+    if state is None or state.scale is None or self.update_every == 0:
       return value, params, state
 
     def recalibrate(_):
       lo, hi = self._calibrate(value)
       ema = _cal.ema_update(state.ranges, lo, hi, self.decay)
       scale, zp = numerics.scale_from_range(ema.lo, ema.hi, self.fmt)
-      return QuantState(scale, zp, ema)
+      return QuantState(scale, zp, ema, state.key)
 
     due = ctx.step % self.update_every == 0
     state = jax.lax.cond(due, recalibrate, lambda _: state, None)

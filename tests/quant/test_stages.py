@@ -159,3 +159,45 @@ def test_bad_stage_arguments():
     jq.FakeQuant(calibration="absmax")
   with pytest.raises(ValueError, match="LSQ learns the step of a symmetric integer grid"):
     jq.LSQ(symmetric=False)
+
+
+@pytest.mark.parametrize("ranges", ["dynamic", "static"])
+def test_stochastic_rounding_stage_is_unbiased_and_redraws_every_step(ranges):
+  """Every output is one of the two grid points around w/scale, up with probability frac."""
+  stage = jq.FakeQuant(bits=4, granularity=jq.PerTensor(), ranges=ranges, rounding="stochastic")
+  spec = jc.Spec([jc.Rule(r".*kernel", [stage])])
+  t, s = spec.init(params(), key=jax.random.key(0))
+  w = W0.astype(np.float64)
+  scale = np.abs(w).max() / 7  # int4 symmetric per tensor, absmax
+  lower = np.clip(np.floor(w / scale), -8, 7) * scale
+  upper = np.clip(np.floor(w / scale) + 1, -8, 7) * scale
+  apply, update = jax.jit(spec.apply), jax.jit(spec.update)
+  outs = []
+  for step in range(300):
+    outs.append(np.asarray(apply(t, s)["Dense_0"]["kernel"], np.float64))
+    t, s = update(t, s, step)
+  outs = np.stack(outs)
+  on_grid = np.isclose(outs, lower, atol=1e-6) | np.isclose(outs, upper, atol=1e-6)
+  assert on_grid.all()
+  assert not np.array_equal(outs[0], outs[1])  # fresh noise on the next step
+  # Unbiased: the mean over steps approaches w (binomial std of the mean < scale / 30).
+  np.testing.assert_allclose(outs.mean(0), w, atol=4 * scale / np.sqrt(4 * 300))
+  # The bias stays untouched and the gradient is straight through.
+  g = jax.grad(lambda t: jnp.sum(spec.apply(t, s)["Dense_0"]["kernel"] * 2.0))(t)
+  np.testing.assert_array_equal(np.asarray(g["Dense_0"]["kernel"]), 2.0)
+
+
+def test_stochastic_rounding_takes_the_update_key_and_needs_an_init_key():
+  stage = jq.FakeQuant(bits=4, rounding="stochastic")
+  spec = jc.Spec([jc.Rule(r".*kernel", [stage])])
+  with pytest.raises(ValueError, match=r"Dense_0/kernel.*pass key=jax.random.key"):
+    spec.init(params())
+  t, s = spec.init(params(), key=jax.random.key(1))
+  a = spec.update(t, s, 3, key=jax.random.key(5))[1]
+  b = spec.update(t, s, 3, key=jax.random.key(5))[1]
+  c = spec.update(t, s, 3, key=jax.random.key(6))[1]
+  ka, kb, kc = (x["Dense_0"]["kernel"].stages["quant"].key for x in (a, b, c))
+  np.testing.assert_array_equal(np.asarray(ka), np.asarray(kb))
+  assert not np.array_equal(np.asarray(ka), np.asarray(kc))
+  with pytest.raises(ValueError, match="rounding='up'"):
+    jq.FakeQuant(rounding="up")

@@ -20,6 +20,16 @@ CASES = [
         ],
     ),
     Case("quant_fq_fp8_e4m3", lambda: [jq.FakeQuant(dtype="float8_e4m3fn")]),
+    Case(
+        "quant_fq_int4_stochastic_static",
+        lambda: [jq.FakeQuant(bits=4, ranges="static", rounding="stochastic")],
+        needs_key=True,
+    ),
+    Case(
+        "quant_fq_fp8_e5m2_stochastic",
+        lambda: [jq.FakeQuant(dtype="float8_e5m2", rounding="stochastic")],
+        needs_key=True,
+    ),
     Case("quant_lsq_int4", lambda: [jq.LSQ(bits=4)]),
     Case(
         "quant_prune_then_fq_int4",
