@@ -37,6 +37,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import jaxcompress as jc
+from _common import cross_entropy as loss_fn
+from _common import init_mlp, mlp
 import jaxcompress.cluster  # noqa: F401
 
 SIZES = (64, 300, 100, 10)
@@ -62,31 +64,6 @@ def load_data():
   return train_test_split(
       x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y
   )
-
-
-def init_mlp(key: jax.Array) -> dict:
-  params = {}
-  for i, (fan_in, fan_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-    key, sub = jax.random.split(key)
-    params[f"Dense_{i}"] = {
-        "kernel": jax.random.normal(sub, (fan_in, fan_out), jnp.float32) * np.sqrt(2.0 / fan_in),
-        "bias": jnp.zeros((fan_out,), jnp.float32),
-    }
-  return params
-
-
-def mlp(params: dict, x: jax.Array) -> jax.Array:
-  n = len(params)
-  for i in range(n):
-    x = x @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
-
-
-def loss_fn(params: dict, batch) -> jax.Array:
-  x, y = batch
-  return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
 
 
 @jax.jit
@@ -138,7 +115,7 @@ def run(quick: bool = False, seed: int = 0) -> dict:
   steps = QUICK if quick else FULL
   x_train, x_test, y_train, y_test = load_data()
   rng = np.random.default_rng(seed)
-  params = init_mlp(jax.random.key(seed))
+  params = init_mlp(jax.random.key(seed), SIZES, gain=2.0)
 
   # Dense baseline (an empty spec: every leaf passes through).
   dense_spec = jc.Spec([])

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import time
 from typing import ClassVar
 
 import jax
@@ -32,6 +30,8 @@ import optax
 
 import jaxcompress as jc
 from jaxcompress import distill
+from _common import cross_entropy as hard_loss
+from _common import init_mlp, interleaved, mlp
 
 BATCH = 256
 TEACHER = (784, 1024, 1024, 10)
@@ -50,52 +50,13 @@ class Int8Weights(jc.Stage):
     return (jnp.round(value / scale) * scale).astype(value.dtype)
 
 
-def init_mlp(seed: int, sizes) -> dict:
-  rng = np.random.default_rng(seed)
-  return {
-      f"Dense_{i}": {
-          "kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
-          "bias": jnp.zeros((b,), jnp.float32),
-      }
-      for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
-  }
-
-
-def mlp(params: dict, x: jax.Array) -> jax.Array:
-  n = len(params)
-  for i in range(n):
-    x = x @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
-
-
 def teacher_fn(params: dict, batch) -> jax.Array:
   return mlp(params, batch[0])
-
-
-def hard_loss(params: dict, batch) -> jax.Array:
-  x, y = batch
-  return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
 
 
 def kd_loss(params: dict, batch, teacher_logits, step) -> jax.Array:
   x, y = batch
   return distill.distillation_loss(mlp(params, x), teacher_logits, y, alpha=0.5, temperature=4.0).mean()
-
-
-def _interleaved(runners: dict, steps: int, warmup: int) -> dict[str, float]:
-  """Median seconds per call of each runner, calls interleaved round-robin."""
-  for _ in range(warmup):
-    for run in runners.values():
-      run()
-  times = {name: [] for name in runners}
-  for _ in range(steps):
-    for name, run in runners.items():
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(steps: int, warmup: int, *, int8_teacher: bool, sizes=(TEACHER, STUDENT), batch=BATCH) -> dict:
@@ -105,12 +66,12 @@ def measure(steps: int, warmup: int, *, int8_teacher: bool, sizes=(TEACHER, STUD
       jnp.asarray(rng.normal(size=(batch, t_sizes[0])), jnp.float32),
       jnp.asarray(rng.integers(0, t_sizes[-1], size=batch), jnp.int32),
   )
-  teacher_params = init_mlp(1, t_sizes)
+  teacher_params = init_mlp(jax.random.key(1), t_sizes)
   teacher_spec = jc.Spec([jc.Rule(r".*kernel", [Int8Weights()])]) if int8_teacher else None
   teacher = jax.jit(teacher_spec.init)(teacher_params) if int8_teacher else teacher_params
 
   spec, opt = jc.Spec([]), optax.adam(1e-3)
-  student_params = init_mlp(2, s_sizes)
+  student_params = init_mlp(jax.random.key(2), s_sizes)
   fresh = lambda: jc.init_train_state(spec, opt, jax.tree_util.tree_map(jnp.copy, student_params))
   plain_step = jc.make_train_step(hard_loss, spec, opt)
   kd_step = distill.make_distill_step(kd_loss, teacher_fn, spec, opt, teacher_spec=teacher_spec)
@@ -132,7 +93,7 @@ def measure(steps: int, warmup: int, *, int8_teacher: bool, sizes=(TEACHER, STUD
     state["kd"], m = kd_step(state["kd"], teacher, data)
     m["loss"].block_until_ready()
 
-  t = _interleaved({"forward": run_forward, "plain": run_plain, "kd": run_kd}, steps, warmup)
+  t = interleaved({"forward": run_forward, "plain": run_plain, "kd": run_kd}, steps, warmup)
   return {"ratio": t["kd"] / (t["forward"] + t["plain"]), "times": t}
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -36,6 +34,7 @@ import numpy as np
 
 import jaxcompress as jc
 from jaxcompress import lowrank
+from _common import interleaved
 
 
 def _random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -59,20 +58,6 @@ def decaying_kernel(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   s = 1.0 / np.arange(1, n + 1, dtype=np.float64)
   w = (q1 * s.astype(np.float32)) @ q2.T
   return w.astype(np.float32), s
-
-
-def _interleaved(runners: dict, steps: int, warmup: int) -> dict[str, float]:
-  """Median seconds per call of each runner, calls interleaved round-robin."""
-  for _ in range(warmup):
-    for run in runners.values():
-      run()
-  times = {name: [] for name in runners}
-  for _ in range(steps):
-    for name, run in runners.items():
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(quick: bool = False) -> dict:
@@ -102,7 +87,7 @@ def main(quick: bool = False) -> dict:
   weight_rel_error = float(np.linalg.norm(w_r - w_np) / np.linalg.norm(w_np.astype(np.float64)))
   optimal = float(np.sqrt(np.sum(s[rank:] ** 2) / np.sum(s**2)))
 
-  medians = _interleaved(
+  medians = interleaved(
       {
           "dense": lambda: dense_fn(params, x).block_until_ready(),
           "factorized": lambda: factorized_fn(fparams, x).block_until_ready(),

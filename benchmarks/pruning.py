@@ -29,16 +29,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import random
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import jaxcompress as jc
+from _common import cross_entropy as loss_fn
+from _common import init_mlp, mlp, paired_ratios
 
 SIZES = (784, 300, 100, 10)
 BATCH = 256
@@ -47,66 +45,8 @@ CHANNEL_SPARSITY = 0.75
 CHAIN = [f"Dense_{i}" for i in range(len(SIZES) - 1)]
 
 
-def init_mlp(key: jax.Array, sizes=SIZES) -> dict:
-  """Dense_i/{kernel, bias}; small nonzero biases, as after training."""
-  params = {}
-  for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-    key, k_w, k_b = jax.random.split(key, 3)
-    params[f"Dense_{i}"] = {
-        "kernel": jax.random.normal(k_w, (fan_in, fan_out), jnp.float32) / np.sqrt(fan_in),
-        "bias": 0.1 * jax.random.normal(k_b, (fan_out,), jnp.float32),
-    }
-  return params
-
-
-def mlp(params: dict, x: jax.Array) -> jax.Array:
-  n = len(params)
-  for i in range(n):
-    x = x @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
-
-
-def loss_fn(params: dict, batch) -> jax.Array:
-  x, y = batch
-  return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
-
-
-def _paired_ratios(
-    runners: dict, baseline: str, rounds: int, block: int, warmup: int
-) -> dict[str, float]:
-  """Median over rounds of (runner time / baseline time) within the round.
-
-  Each round runs every runner in a shuffled order: one untimed call (so that
-  a runner does not pay for the caches the previous one left), then ``block``
-  timed calls, as in a training loop. A ratio compares blocks run moments
-  apart; the median over rounds drops the rounds another process disturbed.
-  """
-  for _ in range(warmup):
-    for run in runners.values():
-      run()
-  rng = random.Random(0)
-  names = list(runners)
-  per_call = {name: [] for name in names}
-  for _ in range(rounds):
-    rng.shuffle(names)
-    for name in names:
-      runners[name]()
-      t0 = time.perf_counter()
-      for _ in range(block):
-        runners[name]()
-      per_call[name].append((time.perf_counter() - t0) / block)
-  base = per_call[baseline]
-  return {
-      name: statistics.median(t / b for t, b in zip(ts, base))
-      for name, ts in per_call.items()
-      if name != baseline
-  }
-
-
 def train_step_ratios(rounds: int, block: int, warmup: int) -> dict[str, float]:
-  params = init_mlp(jax.random.key(0))
+  params = init_mlp(jax.random.key(0), SIZES, bias_std=0.1)
   kx, ky = jax.random.split(jax.random.key(1))
   batch = (
       jax.random.normal(kx, (BATCH, SIZES[0]), jnp.float32),
@@ -142,7 +82,7 @@ def train_step_ratios(rounds: int, block: int, warmup: int) -> dict[str, float]:
 
     return run
 
-  ratios = _paired_ratios(
+  ratios = paired_ratios(
       {
           "plain": run_plain,
           # Masks made by spec.init and never recomputed: only applying them costs.
@@ -177,13 +117,13 @@ def channel_prune(params: dict, fraction: float) -> dict:
 
 
 def shrink_speedup(rounds: int, block: int, warmup: int) -> dict[str, float]:
-  params = channel_prune(init_mlp(jax.random.key(2)), CHANNEL_SPARSITY)
+  params = channel_prune(init_mlp(jax.random.key(2), SIZES, bias_std=0.1), CHANNEL_SPARSITY)
   small = jc.prune.shrink_dense_chain(params, CHAIN, activation=jax.nn.relu)
   x = jax.random.normal(jax.random.key(3), (BATCH, SIZES[0]), jnp.float32)
   full_fwd = jax.jit(mlp)
   small_fwd = jax.jit(mlp)
   err = float(jnp.max(jnp.abs(full_fwd(params, x) - small_fwd(small.params, x))))
-  ratios = _paired_ratios(
+  ratios = paired_ratios(
       {
           "small": lambda: small_fwd(small.params, x).block_until_ready(),
           "full": lambda: full_fwd(params, x).block_until_ready(),

@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -47,6 +45,7 @@ import optax
 
 import jaxcompress as jc
 from jaxcompress import quant
+from _common import interleaved
 
 
 class MLP(nn.Module):
@@ -103,25 +102,6 @@ def _setup(gpu: bool, quick: bool):
   return make, (x, y), loss
 
 
-def _interleaved(runners: dict[str, Callable[[], Any]], steps: int, warmup: int) -> dict[str, float]:
-  """Median seconds per call of each runner.
-
-  Calls are interleaved round-robin, the order rotated every round so that no
-  case always runs right after the same other one.
-  """
-  for _ in range(warmup):
-    for run in runners.values():
-      run()
-  names = list(runners)
-  times: dict[str, list[float]] = {name: [] for name in names}
-  for i in range(steps):
-    for name in names[i % len(names):] + names[: i % len(names)]:
-      t0 = time.perf_counter()
-      runners[name]()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main(quick: bool = False, gpu: bool = False) -> dict:
   """Measures every case; returns the figures (ratios to the plain step).
 
@@ -176,7 +156,7 @@ def main(quick: bool = False, gpu: bool = False) -> dict:
 
     runners[name] = run
 
-  med = _interleaved(runners, steps, warmup)
+  med = interleaved(runners, steps, warmup)
   result: dict[str, Any] = {
       "device": jax.devices()[0].device_kind,
       "model": {

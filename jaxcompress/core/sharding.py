@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 

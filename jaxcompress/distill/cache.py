@@ -27,7 +27,6 @@ import os
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.distill.losses import TopKLogits, _check_k, _check_temperature, topk_logits

@@ -1,21 +1,12 @@
 """benchmarks/lowrank.py runs in quick mode and reaches the Eckart-Young optimum."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 
-
-def _load():
-  path = pathlib.Path(__file__).parents[2] / "benchmarks" / "lowrank.py"
-  spec = importlib.util.spec_from_file_location("lowrank_benchmark", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from tests.benchmarks import load
 
 
 def test_quick_run_reports_optimal_error():
-  bench = _load()
+  bench = load("lowrank")
   w, s = bench.decaying_kernel(64, seed=1)
   np.testing.assert_allclose(np.linalg.svd(w.astype(np.float64), compute_uv=False), s, rtol=1e-4, atol=1e-6)
   out = bench.main(quick=True)

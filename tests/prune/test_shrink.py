@@ -1,6 +1,4 @@
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -286,10 +284,9 @@ def test_chain_and_activation_arguments_checked():
 
 
 def test_pruning_benchmark_quick_run():
-  path = pathlib.Path(__file__).parents[2] / "benchmarks" / "pruning.py"
-  spec = importlib.util.spec_from_file_location("pruning_benchmark", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  from tests.benchmarks import load
+
+  bench = load("pruning")
   result = bench.main(quick=True)
   assert set(result) >= {"apply_ratio", "update_every_step_ratio", "shrink_speedup"}
   assert all(result[k] > 0 for k in ("apply_ratio", "update_every_step_ratio", "shrink_speedup"))

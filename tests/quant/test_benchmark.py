@@ -5,26 +5,16 @@ with real int8 and fp8 matmuls) runs here at a small size, so that the GPU
 measurement cannot fail on a code path no test has run.
 """
 
-import importlib.util
 import math
-import pathlib
-import sys
 
 import pytest
 
-
-def _load():
-  path = pathlib.Path(__file__).parents[2] / "benchmarks" / "quant.py"
-  spec = importlib.util.spec_from_file_location("quant_benchmark", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # flax modules (dataclasses) look their module up
-  spec.loader.exec_module(module)
-  return module
+from tests.benchmarks import load
 
 
 @pytest.mark.parametrize("gpu", [False, True])
 def test_quick_run_reports_every_ratio(gpu):
-  out = _load().main(quick=True, gpu=gpu)
+  out = load("quant").main(quick=True, gpu=gpu)
   names = {"fq_w8", "fq_w8a8", "int8_fwd", "fp8_fwd", "int8_fwd_intercepted"}
   assert names <= set(out)
   assert out["model"].startswith("quick_mlp_block" if gpu else "quick_mlp_784")
@@ -39,7 +29,7 @@ def test_gpu_block_is_bf16_and_its_real_int8_forward_is_close_to_float():
 
   from jaxcompress import quant
 
-  bench = _load()
+  bench = load("quant")
   make, (x, _), _ = bench._setup(gpu=True, quick=True)
   params = make().init(jax.random.key(1), x)["params"]
   assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
