@@ -1,8 +1,8 @@
 """The shared invariant suite, run over every registered compression stage.
 
 For each case: same result with and without jit; init under ``jax.eval_shape``;
-dtypes kept (f32 and bf16); sharded on an 8-device CPU mesh equals single
-device; no retracing across steps; state structure stable across updates.
+dtypes kept (f32 and bf16); sharded on an 8-device CPU mesh (Auto and
+Explicit axes) equals single device; no retracing across steps; state structure stable across updates.
 """
 
 import jax
@@ -111,11 +111,17 @@ def test_state_structure_stable_and_no_retrace(case):
   assert len(traces) == 1
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_sharded_matches_single_device(case):
+def test_sharded_matches_single_device(case, axis_type):
   assert len(jax.devices()) == 8
   spec, params, key, grads, stats = setup(case)
-  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+  with jax.set_mesh(mesh):
+    _check_sharded(spec, params, key, grads, stats, mesh)
+
+
+def _check_sharded(spec, params, key, grads, stats, mesh):
   pspecs = {
       "Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
       "Dense_1": {"kernel": P("model", "data"), "bias": P()},

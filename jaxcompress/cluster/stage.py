@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.cluster import kmeans1d as _km
+from jaxcompress.core import sharding as _sharding
 from jaxcompress.core.stage import Stage, UpdateContext
 
 Array = jax.Array
@@ -179,11 +180,12 @@ class Cluster(Stage):
   def apply(self, value, params, state):
     a = state.assignments.astype(jnp.int32)
     ax = self._axis(value.ndim)
-    if ax is None:
-      shared = params[a]
-    else:
+    if ax is not None:
       channel = jax.lax.broadcasted_iota(jnp.int32, value.shape, ax)
-      shared = params.reshape(-1)[channel * self.num_centroids + a]
+      a = channel * self.num_centroids + a
+    # The gather takes the assignments' sharding (stated for Explicit meshes).
+    spec = _sharding.explicit_sharding(a)
+    shared = params.reshape(-1).at[a].get(out_sharding=None if spec is None else spec.spec)
     clustered = jnp.where(value != 0, shared, jnp.zeros_like(value))
     return jnp.where(state.clustered, clustered, value)
 

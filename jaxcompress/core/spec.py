@@ -257,7 +257,14 @@ class Spec:
           items += parts
           item_paths += [paths[idxs[n]]] * len(parts)
           item_keys += [_stage_key(_stage_key(lkeys[n], si), q) for q in range(len(parts))]
-        out = stage.init_group(items, paths=item_paths, keys=item_keys)
+        # Whole-leaf computations run on replicated copies under Explicit sharding.
+        gathered, explicit = _sharding.replicate_explicit(items)
+        out = stage.init_group(gathered, paths=item_paths, keys=item_keys)
+        if explicit:
+          out = [
+              (_sharding.reshard_like(p, v), _sharding.reshard_like(st, v))
+              for (p, st), v in zip(out, items)
+          ]
         last = si == len(rule.stages) - 1
         for n, (a, m) in enumerate(spans):
           ps = [o[0] for o in out[a : a + m]]
@@ -395,7 +402,17 @@ class Spec:
           items += parts
           iparams += _parts(params[n].get(k), len(parts), is_arr)
           istates += _parts(states[n][k], len(parts), is_arr)
-        out = stage.update_group(items, iparams, istates, ctxs)
+        # Whole-leaf computations run on replicated copies under Explicit sharding.
+        grads_stats = [(c.grad, c.stat) for c in ctxs]
+        gathered, explicit = _sharding.replicate_explicit((items, iparams, istates, grads_stats))
+        g_items, g_params, g_states, g_gs = gathered
+        g_ctxs = [c._replace(grad=g, stat=st) for c, (g, st) in zip(ctxs, g_gs)]
+        out = stage.update_group(g_items, g_params, g_states, g_ctxs)
+        if explicit:
+          out = [
+              _sharding.reshard_as(o, like)
+              for o, like in zip(out, zip(items, iparams, istates))
+          ]
         last = si == len(rule.stages) - 1
         for n, (a, m) in enumerate(spans):
           new_v = [o[0] for o in out[a : a + m]]

@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core import sharding as _sharding
+
 Array = jax.Array
 
 
@@ -66,7 +68,9 @@ class Factors:
 
   def materialize(self) -> Array:
     """The dense kernel ``(U @ V).reshape(shape)``, in ``u``'s dtype."""
-    w = jnp.matmul(self.u, self.v, preferred_element_type=_acc_dtype(self.u.dtype))
+    u = _sharding.unshard_axes(self.u, (1,))  # the rank axis
+    v = _sharding.unshard_axes(self.v, (0,))
+    w = jnp.matmul(u, v, preferred_element_type=_acc_dtype(self.u.dtype))
     return w.astype(self.u.dtype).reshape(self.shape)
 
   def dot(self, x: Array) -> Array:
@@ -92,7 +96,9 @@ class Factors:
           f"Factors.dot multiplies by a 2-D kernel, but these factors stand for a kernel "
           f"of shape {self.shape}; use materialize() for it."
       )
-    return (x @ self.u) @ self.v
+    u = _sharding.unshard_axes(self.u, (1,))
+    v = _sharding.unshard_axes(self.v, (0,))
+    return (x @ u) @ v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +150,9 @@ class Tucker2Factors:
     """The dense kernel, in ``core``'s dtype."""
     w = jnp.einsum(
         "...ab,ia,bo->...io",
-        self.core,
-        self.u_in,
-        self.u_out,
+        _sharding.unshard_axes(self.core, (self.core.ndim - 2, self.core.ndim - 1)),
+        _sharding.unshard_axes(self.u_in, (1,)),
+        _sharding.unshard_axes(self.u_out, (0,)),
         preferred_element_type=_acc_dtype(self.core.dtype),
     )
     return w.astype(self.core.dtype)

@@ -1,7 +1,10 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxcompress as jc
@@ -72,14 +75,16 @@ def mlp_params(key):
   }
 
 
-def mlp_loss(p, batch):
+def mlp_loss(p, batch, logits_sharding=None):
   x, y = batch
   h = jax.nn.relu(x @ p["l1"]["kernel"] + p["l1"]["bias"])
-  logits = h @ p["l2"]["kernel"] + p["l2"]["bias"]
+  # Explicit sharding asks how a product over a sharded axis is laid out.
+  logits = jnp.matmul(h, p["l2"]["kernel"], out_sharding=logits_sharding) + p["l2"]["bias"]
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def test_sharded_step_equals_single_device_and_does_not_retrace():
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_sharded_step_equals_single_device_and_does_not_retrace(axis_type):
   spec = jc.Spec([jc.Rule(".*kernel", [jc.prune.magnitude(sparsity=jc.schedules.linear(0.0, 0.8, end_step=4))])])
   opt = jc.masked_optimizer(optax.adam(1e-2))
   params = mlp_params(jax.random.key(0))
@@ -91,7 +96,18 @@ def test_sharded_step_equals_single_device_and_does_not_retrace():
   for _ in range(5):
     single, m1 = step(single, (x, y))
 
-  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+  with jax.set_mesh(mesh):
+    ts, m2, sharded_step = _sharded_run(spec, opt, params, mesh, x, y)
+  assert sharded_step._cache_size() == 1
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(ts)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-4, atol=1e-6)
+  assert ts.trainable["l1"]["kernel"].sharding.spec == P(None, "model")
+  assert ts.spec_state["l1"]["kernel"].stages["prune"].mask.sharding.spec == P(None, "model")
+
+
+def _sharded_run(spec, opt, params, mesh, x, y):
   pspecs = {"l1": {"kernel": P(None, "model"), "bias": P("model")},
             "l2": {"kernel": P("model", None), "bias": P()}}
   p_sh = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), pspecs)
@@ -101,14 +117,10 @@ def test_sharded_step_equals_single_device_and_does_not_retrace():
   ts = init(jax.device_put(params, p_sh))
   assert ts.spec_state["l1"]["kernel"].stages["prune"].mask.sharding.spec == P(None, "model")
   assert ts.opt_state[0].mu["l1"]["kernel"].sharding.spec == P(None, "model")
-  sharded_step = jc.make_train_step(
-      mlp_loss, spec, opt, state_shardings=ts_sh, batch_sharding=batch_sh
-  )
+  explicit = mesh.axis_types[0] == AxisType.Explicit
+  loss = functools.partial(mlp_loss, logits_sharding=P("data", None) if explicit else None)
+  sharded_step = jc.make_train_step(loss, spec, opt, state_shardings=ts_sh, batch_sharding=batch_sh)
   batch = jax.device_put((x, y), batch_sh)
   for _ in range(5):
     ts, m2 = sharded_step(ts, batch)
-  assert sharded_step._cache_size() == 1
-  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(ts)):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-4, atol=1e-6)
-  assert ts.trainable["l1"]["kernel"].sharding.spec == P(None, "model")
+  return ts, m2, sharded_step
