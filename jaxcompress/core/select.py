@@ -2,21 +2,23 @@
 
 Mask updates must not sort every weight on every step (a full argsort dominates
 a training step). ``topk_masks`` finds the k-th largest score by radix select on
-the order-preserving integer image of float32 (two histogram passes of 16 bits
-each, built by scatter-add). The last histogram also counts the entries equal to the k-th
-largest: when all of them are kept (no tie to break, the usual case) the masks
-are one compare; otherwise ties are broken by position (a cumulative sum) so
-that exactly k entries are kept.
+the order-preserving integer image of float32: a histogram (scatter-add) of the
+top 16 bits, then one of the low 16 bits of the entries in the bin found. The
+last histogram also counts the entries equal to the k-th largest: when all of
+them are kept (no tie to break, the usual case) the masks are one compare;
+otherwise ties are broken by position (a cumulative sum) so that exactly k
+entries are kept.
 
 A mask recomputed every step usually comes out as it was: with magnitude
 pruning at a constant sparsity the pruned weights are zeros and every kept
 weight is larger. Given the previous masks, ``topk_masks`` first checks in one
 pass whether they are still the answer (they keep ``k`` entries and every kept
-score is strictly above every pruned one, so the top-k set is unique) and only
-runs the radix select when they are not. The same pass bounds the new k-th
-largest between the guess's lowest kept and highest pruned score, and when that
-band holds at most 2**16 distinct values one histogram pass finds it. The
-result is the same either way.
+score is strictly above every pruned one, so the top-k set is unique) and
+returns them if so. The same pass bounds the new k-th largest between the
+guess's lowest kept and highest pruned score; the first histogram then spans
+only that band, and when it holds at most 2**19 distinct values the second
+step is a single counting pass instead of a second histogram. The result is
+the same either way.
 """
 
 from __future__ import annotations
