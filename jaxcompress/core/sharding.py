@@ -13,9 +13,10 @@ def derive(param_sharding: Any, param_shape: tuple[int, ...], shape: tuple[int, 
 
   An axis keeps the param's partitioning where the derived array has the same
   size on that axis as the param (a mask: every axis; a per-channel scale of
-  shape ``(1, out)``: the channel axis; a factor ``U (in, r)``: the input axis),
-  or a size the mesh axes still divide (a bit-packed mask). Every other axis is
-  replicated, and so is an array whose rank differs from the param's.
+  shape ``(1, out)``: the channel axis; a factor ``U (in, r)``: the input axis,
+  ``V (r, out)``: the output axis). Every other axis is replicated (a rank
+  axis, a reduced axis, the groups of a per-group scale), and so is an array
+  whose rank differs from the param's.
 
   Args:
     param_sharding: the param's ``NamedSharding`` (anything else is returned as is).
@@ -31,6 +32,8 @@ def derive(param_sharding: Any, param_shape: tuple[int, ...], shape: tuple[int, 
     >>> mesh = jax.make_mesh((1,), ("model",))
     >>> tuple(derive(NamedSharding(mesh, P(None, "model")), (8, 4), (1, 4)).spec)
     (None, 'model')
+    >>> tuple(derive(NamedSharding(mesh, P("model", None)), (8, 4), (8, 2)).spec)  # U (in, r)
+    ('model', None)
   """
   if not isinstance(param_sharding, NamedSharding):
     return param_sharding
@@ -38,16 +41,7 @@ def derive(param_sharding: Any, param_shape: tuple[int, ...], shape: tuple[int, 
   pspec = tuple(param_sharding.spec) + (None,) * (len(param_shape) - len(param_sharding.spec))
   if len(shape) != len(param_shape):
     return NamedSharding(mesh, PartitionSpec())
-  axes = []
-  for size, psize, ax in zip(shape, param_shape, pspec):
-    if ax is None:
-      axes.append(None)
-      continue
-    names = ax if isinstance(ax, tuple) else (ax,)
-    n = 1
-    for a in names:
-      n *= mesh.shape[a]
-    axes.append(ax if (size == psize or (size > 1 and size % n == 0)) else None)
+  axes = [ax if size == psize else None for size, psize, ax in zip(shape, param_shape, pspec)]
   return NamedSharding(mesh, PartitionSpec(*axes))
 
 

@@ -87,8 +87,9 @@ def test_factor_shardings_keep_the_kernel_axes():
       "Dense_0": {"kernel": NamedSharding(mesh, P("data", "model"))},
       "Dense_1": {"kernel": NamedSharding(mesh, P("model", "data"))},
   }
-  # Rank 3 is divided by no mesh axis, so the rank axis is replicated.
-  spec = jc.Spec([jc.Rule(r".*kernel", [lowrank.svd(rank=3)])])
+  # The rank axis is replicated, also when a mesh axis divides the rank (DESIGN: U keeps
+  # the input axis, V the output axis).
+  spec = jc.Spec([jc.Rule(r".*kernel", [lowrank.svd(rank=4)])])
   t_sh, _ = spec.shardings(params, p_sh)
   f0, f1 = t_sh["Dense_0"]["kernel"].params["lowrank"], t_sh["Dense_1"]["kernel"].params["lowrank"]
   assert tuple(f0.u.spec) == ("data", None) and tuple(f0.v.spec) == (None, "model")
