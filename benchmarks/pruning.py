@@ -19,6 +19,11 @@ times within a round (200 timed steps per variant, after 5 warm-up rounds).
 - ``shrink_speedup``: forward time of the MLP with 75% of the hidden channels
   pruned (kernel columns zeroed, full shapes) over the forward of the same
   model after ``jc.prune.shrink_dense_chain`` (784-75-25-10).
+- ``per_output_select_speedup``: per-output masks (every output channel keeps
+  10% of its weights, as ``jc.prune.PerOutput`` selects) of the first kernel,
+  time with a per-row ``jax.lax.top_k`` over time with
+  ``jaxcompress.core.rowselect.topk_rows``; ``per_output_select_equal`` says
+  the two masks are identical.
 
 Run: ``python benchmarks/pruning.py`` (``--quick`` for a smoke run). The last
 line printed is one JSON object.
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxcompress as jc
+from jaxcompress.core.rowselect import topk_rows
 from _common import cross_entropy as loss_fn
 from _common import init_mlp, mlp, paired_ratios
 
@@ -140,6 +146,32 @@ def shrink_speedup(rounds: int, block: int, warmup: int) -> dict[str, float]:
   }
 
 
+def per_output_select_speedup(rounds: int, block: int, warmup: int) -> dict[str, float]:
+  """Per-output (Wanda-style) masks of the first kernel: ``topk_rows`` against ``lax.top_k``."""
+  scores = jnp.abs(init_mlp(jax.random.key(4), SIZES)["Dense_0"]["kernel"]).T  # (300, 784)
+  k = int(round((1 - SPARSITY) * scores.shape[1]))
+
+  @jax.jit
+  def with_top_k(s):
+    _, idx = jax.lax.top_k(s, k)
+    rows = jnp.arange(s.shape[0])[:, None]
+    return jnp.zeros(s.shape, jnp.bool_).at[rows, idx].set(True)
+
+  with_rows = jax.jit(lambda s: topk_rows(s, k))
+  same = bool(jnp.array_equal(with_top_k(scores), with_rows(scores)))
+  ratios = paired_ratios(
+      {
+          "rows": lambda: with_rows(scores).block_until_ready(),
+          "top_k": lambda: with_top_k(scores).block_until_ready(),
+      },
+      "rows",
+      rounds,
+      block,
+      warmup,
+  )
+  return {"per_output_select_speedup": ratios["top_k"], "per_output_select_equal": same}
+
+
 def main(quick: bool = False) -> dict:
   rounds, block, warmup = (2, 2, 1) if quick else (40, 5, 5)
   result = {
@@ -151,6 +183,7 @@ def main(quick: bool = False) -> dict:
   }
   result.update(train_step_ratios(rounds, block, warmup))
   result.update(shrink_speedup(rounds, 4 * block, warmup))
+  result.update(per_output_select_speedup(rounds, 4 * block, warmup))
   for k, v in result.items():
     if isinstance(v, float):
       result[k] = float(f"{v:.4g}")

@@ -2,9 +2,10 @@
 
 ``Prune`` composes a criterion (``Magnitude``, ``Random``, ``Saliency``,
 ``Movement``, ``Wanda``), a structure (``Unstructured``, ``NM``, ``Block``,
-``Channel``) and a distribution (``Uniform``, ``Global``, ``ERK``), on a
-sparsity schedule. ``RigL`` and ``SET`` rewire masks at a fixed sparsity
-(dynamic sparse training). ``shrink_dense_chain`` removes pruned channels.
+``Channel``) and a distribution (``Uniform``, ``Global``, ``ERK``,
+``PerOutput``), on a sparsity schedule. ``RigL`` and ``SET`` rewire masks at a
+fixed sparsity (dynamic sparse training). ``shrink_dense_chain`` removes pruned
+channels.
 
 NaN scores rank lowest (pruned first), ``+inf`` highest (kept); counts of kept
 weights are exact either way.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from jaxcompress.core.schedules import ScalarOrSchedule
 from jaxcompress.prune.criteria import Criterion, Magnitude, Movement, Random, Saliency, Wanda
-from jaxcompress.prune.distributions import ERK, Distribution, Global, Uniform
+from jaxcompress.prune.distributions import ERK, Distribution, Global, PerOutput, Uniform
 from jaxcompress.prune.dst import SET, DynamicSparse, RigL
 from jaxcompress.prune.shrink import Shrunk, shrink_dense_chain
 from jaxcompress.prune.stage import Prune, PruneState
@@ -53,6 +54,7 @@ __all__ = [
     "Magnitude",
     "Movement",
     "NM",
+    "PerOutput",
     "Prune",
     "PruneState",
     "Random",

@@ -204,9 +204,9 @@ class Wanda(Criterion):
   of a Flax ``(in, out)`` Dense kernel, axis 2 of a ``(h, w, in, out)`` conv
   kernel). For a batch ``x`` of shape ``(..., in)``:
   ``jnp.linalg.norm(x.reshape(-1, in), axis=0)``. ``spec.init`` has no
-  statistics, so the initial mask uses ``|w|``. The paper compares weights per
-  output; here they are ranked as the distribution says (per layer with
-  ``Uniform``).
+  statistics, so the initial mask uses ``|w|``. The paper compares weights
+  within each output; give ``distribution=jc.prune.PerOutput()`` for that
+  (the default ``Uniform()`` ranks them across the whole layer).
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc

@@ -17,6 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.rowselect import topk_rows
 from jaxcompress.core.select import topk_masks
 
 
@@ -59,6 +60,10 @@ class Distribution:
       Bool masks of the shapes of ``scores``.
     """
     raise NotImplementedError(f"{type(self).__name__} does not define masks().")
+
+  def check(self, shape: tuple[int, ...], path: str) -> None:
+    """Raises ``ValueError`` naming ``path`` if the distribution cannot prune ``shape``."""
+    del shape, path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +182,72 @@ class ERK(Distribution):
         topk_masks([s], _n_keep(s.size, d[i]), previous=_one(prev[i]))[0]
         for i, s in enumerate(scores)
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class PerOutput(Distribution):
+  """Every output channel pruned to the same sparsity (Wanda's per-output comparison).
+
+  Weights compete only with the weights of their own output channel, the
+  slices along ``axis``: each keeps ``round((1 - sparsity) * fan)`` of its
+  ``fan`` weights (``fan`` the number of weights per output channel), the
+  highest scores of that channel, so no output is pruned more than another.
+  With ``Wanda()`` this is the paper's rule (Sun et al. 2024). Selection is
+  exact and sort-free (``jaxcompress.core.rowselect.topk_rows``); NaN scores
+  are dropped first and ties go to the lower index within the channel.
+
+  Only unstructured pruning (``structure=Unstructured()``, the default) of
+  kernels: a 1-D leaf (a bias) has no per-output group to compare in.
+
+  Args:
+    axis: the output-feature axis: ``-1`` (default) for a Flax ``(in, out)``
+      Dense kernel or a ``(h, w, in, out)`` conv kernel.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> stage = jc.prune.magnitude(sparsity=0.5, distribution=jc.prune.PerOutput())
+    >>> spec = jc.Spec([jc.Rule("w", [stage])])
+    >>> w = jnp.array([[1.0, 10.0], [2.0, 30.0], [3.0, 20.0], [4.0, 40.0]])  # (in, out)
+    >>> _, s = spec.init({"w": w})
+    >>> s["w"].stages["prune"].mask.tolist()  # two of four weights kept in each column
+    [[False, False], [False, True], [True, False], [True, True]]
+  """
+
+  axis: int = -1
+
+  def __post_init__(self):
+    if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+      raise ValueError(f"PerOutput: axis must be an int, got {self.axis!r}.")
+
+  def check(self, shape, path):
+    self._rows_axis(tuple(shape), path)
+
+  def _rows_axis(self, shape: tuple[int, ...], path: str | None = None) -> int:
+    ndim = len(shape)
+    where = f"PerOutput at {path!r}" if path is not None else "PerOutput"
+    if ndim < 2:
+      raise ValueError(
+          f"{where}: a leaf of shape {shape} has no output-channel groups to compare in "
+          "(a 1-D leaf such as a bias); select kernels only, e.g. jc.Rule(r\".*kernel\", ...)."
+      )
+    if not -ndim <= self.axis < ndim:
+      raise ValueError(
+          f"{where}: axis={self.axis} is out of range for a leaf of shape {shape}; give the "
+          f"output-feature axis, in [-{ndim}, {ndim - 1}] (-1 for (in, out) kernels)."
+      )
+    return self.axis % ndim
+
+  def masks(self, scores, sparsity, *, shapes=(), previous=None):
+    del shapes
+    prev = previous if previous is not None else [None] * len(scores)
+    out = []
+    for s, p in zip(scores, prev):
+      shape = tuple(s.shape)
+      axis = self._rows_axis(shape)
+      rows = jnp.moveaxis(s, axis, -1).reshape(-1, shape[axis]).T  # (channels, fan)
+      fan = rows.shape[1]
+      guess = None if p is None else jnp.moveaxis(p, axis, -1).reshape(-1, shape[axis]).T
+      keep = topk_rows(rows, _n_keep(fan, 1.0 - sparsity), previous=guess)
+      moved = tuple(d for i, d in enumerate(shape) if i != axis) + (shape[axis],)
+      out.append(jnp.moveaxis(keep.T.reshape(moved), -1, axis))
+    return out

@@ -87,7 +87,8 @@ class Prune(Stage):
     structure: ``Unstructured()`` (default), ``NM(n, m)``, ``Block(shape)``,
       ``Channel()``.
     distribution: ``Uniform()`` (default: each leaf at ``sparsity``),
-      ``Global()`` (one threshold over the rule's leaves) or ``ERK()``.
+      ``Global()`` (one threshold over the rule's leaves), ``ERK()``, or
+      ``PerOutput()`` (each output channel at ``sparsity``, as Wanda ranks).
     begin_step, end_step: masks are recomputed for steps in
       ``[begin_step, end_step)`` (``end_step=None``: no end). One-shot:
       ``end_step=begin_step`` keeps the mask made by ``spec.init``;
@@ -132,6 +133,14 @@ class Prune(Stage):
     _check_part("structure", self.structure, _struct.Structure, "jc.prune.NM(2, 4)")
     _check_part("distribution", self.distribution, _dist.Distribution, "jc.prune.Global()")
     _check_steps(self.begin_step, self.end_step, self.update_every)
+    if isinstance(self.distribution, _dist.PerOutput) and not isinstance(
+        self.structure, _struct.Unstructured
+    ):
+      raise ValueError(
+          f"Prune: {self.distribution!r} ranks single weights within each output channel, so "
+          f"it cannot take the structure {self.structure!r}; leave structure as the default "
+          "Unstructured(), or use another distribution (Uniform, Global, ERK) with it."
+      )
     fixed = self.structure.density
     s = self.sparsity
     if fixed is not None:
@@ -176,6 +185,7 @@ class Prune(Stage):
   def init_group(self, values, *, paths, keys):
     for v, p in zip(values, paths):
       self.structure.check(tuple(v.shape), p)
+      self.distribution.check(tuple(v.shape), p)
     return compiled_init_group(self, values, paths, keys)
 
   def _init_impl(self, values, paths, keys):

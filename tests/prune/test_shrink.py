@@ -292,4 +292,6 @@ def test_pruning_benchmark_quick_run():
   assert all(result[k] > 0 for k in ("apply_ratio", "update_every_step_ratio", "shrink_speedup"))
   assert result["shrink_features"] == [75, 25, 10]  # 784-300-100-10 with 75% of hidden channels cut
   assert result["shrink_max_abs_diff"] < 1e-4
+  assert result["per_output_select_equal"] is True  # topk_rows and lax.top_k agree
+  assert result["update_every_step_st_ratio"] > 0 and result["per_output_select_speedup"] > 0
   json.dumps(result)

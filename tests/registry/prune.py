@@ -52,6 +52,14 @@ CASES = [
         "prune_channel",
         lambda: [jc.prune.magnitude(sparsity=0.5, structure=jc.prune.Channel(), update_every=2)],
     ),
+    Case(
+        "prune_per_output",
+        lambda: [
+            jc.prune.Prune(
+                sparsity=0.5, criterion=jc.prune.Magnitude(), distribution=jc.prune.PerOutput()
+            )
+        ],
+    ),
     Case("prune_erk", lambda: [jc.prune.magnitude(sparsity=_GRADUAL(), distribution=jc.prune.ERK())]),
     Case(
         "prune_rigl",
