@@ -5,13 +5,18 @@ Adam, f32. GPU (``--gpu``): a Flax MLP block ``x + Dense(d)(gelu(Dense(ffn)(x)))
 with d=4096, ffn=16384, 8192 tokens, bf16 params and compute, Adam.
 
 Every case is one ``jc.make_train_step`` over the same model and data; the
-figures are ratios of its median step time to the plain step's (measured side
-by side in one process, steps interleaved round-robin, medians after warm-up):
+figures are ratios of its step time to the plain step's, measured side by side
+in one process: each round runs every case in a shuffled order, one untimed
+step then a block of timed steps, and a figure is the median over rounds of
+the ratio of the mean step times within the round (``_common.paired_ratios``):
 
 - ``fq_w8``: int8 fake-quantized kernels, one scale per output channel
   (``jc.quant.FakeQuant(bits=8)`` in a ``jc.Spec``, straight-through gradient).
   Target <= 1.05 CPU, <= 1.03 GPU.
-- ``fq_w8a8``: the same, plus int8 fake-quantized Dense inputs with dynamic
+- ``fq_w8_hand_ste``: the reference for ``fq_w8``: the same fake quantization
+  written by hand into the loss as ``w + stop_gradient(q(w) - w)``, without
+  jaxcompress (what BENCHMARKS.md calls plain-JAX STE).
+- ``fq_w8a8``: the same as ``fq_w8``, plus int8 fake-quantized Dense inputs with dynamic
   per-token scales (``jc.quant.quantize_inputs``).
 - ``int8_fwd``: the Dense products run in int8 with int32 accumulation
   (``jc.quant.int8_dot_general()`` as the layers' ``dot_general``: per-token
@@ -26,7 +31,7 @@ by side in one process, steps interleaved round-robin, medians after warm-up):
   ``quantize_inputs([InputRule(pattern=..., matmul="int8")])`` instead of the
   layers' argument (the same computation: its ratio should match).
 
-``plain_ms`` is the plain step's median (for orientation; compare ratios).
+``plain_ms`` is the plain step's median time (for orientation; compare ratios).
 
 Run: ``python benchmarks/quant.py`` (``--quick``: a small MLP, a few steps, a
 smoke run; ``--gpu``: the GPU block). The last line printed is one JSON object.
@@ -45,7 +50,7 @@ import optax
 
 import jaxcompress as jc
 from jaxcompress import quant
-from _common import interleaved
+from _common import interleaved, paired_ratios
 
 
 class MLP(nn.Module):
@@ -112,7 +117,7 @@ def main(quick: bool = False, gpu: bool = False) -> dict:
   Returns:
     ``{"fq_w8": ..., "fq_w8a8": ..., "int8_fwd": ..., "fp8_fwd": ..., ...}``.
   """
-  steps, warmup = (3, 1) if quick else (60, 5)
+  rounds, block, warmup = (2, 2, 1) if quick else (40, 5, 5)
   make, batch, loss = _setup(gpu, quick)
   opt = optax.adam(1e-4)
   params = make().init(jax.random.key(1), batch[0])["params"]
@@ -131,9 +136,22 @@ def main(quick: bool = False, gpu: bool = False) -> dict:
 
     return f
 
+  def hand_ste_loss(p, b):  # the reference: plain-JAX STE written into the loss
+    def fq(w):
+      scale = jnp.max(jnp.abs(w), axis=0, keepdims=True) / 127.0
+      scale = jnp.where(scale > 0, scale, 1.0)
+      q = jnp.clip(jnp.round(w / scale), -128, 127) * scale
+      return w + jax.lax.stop_gradient(q - w)
+
+    p = jax.tree_util.tree_map_with_path(
+        lambda path, w: fq(w) if path[-1].key == "kernel" else w, p
+    )
+    return loss(make().apply({"params": p}, b[0]), b[1])
+
   cases = {
       "plain": (plain_spec, loss_fn(make())),
       "fq_w8": (w8_spec, loss_fn(make())),
+      "fq_w8_hand_ste": (plain_spec, hand_ste_loss),
       "fq_w8a8": (w8_spec, loss_fn(make(), every_input)),
       "int8_fwd": (plain_spec, loss_fn(make(quant.int8_dot_general()))),
       "fp8_fwd": (plain_spec, loss_fn(make(fp8))),
@@ -156,7 +174,8 @@ def main(quick: bool = False, gpu: bool = False) -> dict:
 
     runners[name] = run
 
-  med = interleaved(runners, steps, warmup)
+  ratios = paired_ratios(runners, "plain", rounds, block, warmup)
+  plain_s = interleaved({"plain": runners["plain"]}, rounds * block, 1)["plain"]
   result: dict[str, Any] = {
       "device": jax.devices()[0].device_kind,
       "model": {
@@ -165,12 +184,12 @@ def main(quick: bool = False, gpu: bool = False) -> dict:
           (False, False): "mlp_784_1024_1024_10_b256_f32",
           (False, True): "quick_mlp_784_256_256_10_b64_f32",
       }[(gpu, quick)],
-      "steps": steps,
-      "plain_ms": round(med["plain"] * 1e3, 3),
+      "steps_measured": rounds * block,
+      "plain_ms": round(plain_s * 1e3, 3),
   }
   for name in cases:
     if name != "plain":
-      result[name] = round(med[name] / med["plain"], 3)
+      result[name] = round(ratios[name], 3)
   return result
 
 
