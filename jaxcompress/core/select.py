@@ -16,9 +16,8 @@ pass whether they are still the answer (they keep ``k`` entries and every kept
 score is strictly above every pruned one, so the top-k set is unique) and
 returns them if so. The same pass bounds the new k-th largest between the
 guess's lowest kept and highest pruned score; the first histogram then spans
-only that band, and when it holds at most 2**19 distinct values the second
-step is a single counting pass instead of a second histogram. The result is
-the same either way.
+only that band, and when it holds at most 2**16 distinct values no second
+histogram is needed. The result is the same either way.
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ def _sortable_bits(x: jax.Array) -> jax.Array:
 _BINS = 1 << 16  # digits per histogram pass
 _ROW = 256  # the histogram is searched as rows of this many bins
 _DROP = _BINS + _ROW  # an out-of-range bin: entries sent there are not counted
-_COUNT_BITS = 3  # a last step over at most 2**3 values counts instead of a histogram
 
 
 def _histogram(bits, lo, hi, shift, count_above: bool) -> jax.Array:
@@ -93,9 +91,8 @@ def _kth_largest_bits(
 
   Radix select over the band ``[lo, hi]`` (the whole range by default): a
   histogram of 2**16 digits of width ``2**shift`` covering the band, then, when
-  the band is wider than 2**16 values, a second step over the values of the
-  bin found: a histogram, or for a bin of at most 8 values a single counting
-  pass. ``1 <= k <= total`` entries.
+  the band is wider than 2**16 values, a second histogram over the values of
+  the bin found. ``1 <= k <= total`` entries.
 
   Returns:
     ``(t, need, n_eq)``: the threshold, how many of the entries equal to ``t``
@@ -113,39 +110,12 @@ def _kth_largest_bits(
   def done():  # one value per bin already
     return base, need, hist[d]
 
-  def refine_by_counts():  # at most 8 values: count entries >= each, in one pass
-    return _resolve_by_counts(bits, base, top, need, hist[d])
-
   def refine_by_histogram():  # up to 2**16 values: a histogram of one value per digit
     fine = _histogram(bits, base, top, jnp.uint32(0), count_above=False)
     d2, above2 = _highest_bin_reaching(fine, need)
     return base + d2.astype(jnp.uint32), need - above2, fine[d2]
 
-  branch = jnp.where(shift == 0, 0, jnp.where(shift <= _COUNT_BITS, 1, 2))
-  return jax.lax.switch(branch, (done, refine_by_counts, refine_by_histogram))
-
-
-def _resolve_by_counts(bits, base, top, need, n_bin):
-  """The k-th largest inside ``[base, top]`` (at most ``2**_COUNT_BITS`` values).
-
-  ``need`` of the bin's ``n_bin`` entries are kept. Counts the entries at least
-  ``base + j`` (and at most ``top``) for every ``j`` in one variadic reduce,
-  several times cheaper on XLA:CPU than a scatter-add histogram.
-  """
-  n = (1 << _COUNT_BITS) - 1
-  counts = [jnp.int32(0)] * n
-  for b in bits:
-    b = b.reshape(-1)
-    inside = b <= top
-    ops = tuple(((b >= base + jnp.uint32(j)) & inside).astype(jnp.int32) for j in range(1, n + 1))
-    out = jax.lax.reduce(
-        ops, (jnp.int32(0),) * n, lambda x, y: tuple(u + v for u, v in zip(x, y)), (0,)
-    )
-    counts = [c + o for c, o in zip(counts, out)]
-  # at_least[j]: entries of the bin >= base + j (0 past the bin's top).
-  at_least = jnp.stack([n_bin, *counts, jnp.int32(0)])
-  j = jnp.sum(at_least[1:-1] >= need)  # the largest j with at_least[j] >= need
-  return base + j.astype(jnp.uint32), need - at_least[j + 1], at_least[j] - at_least[j + 1]
+  return jax.lax.cond(shift == 0, done, refine_by_histogram)
 
 
 def topk_masks(

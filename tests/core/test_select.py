@@ -163,7 +163,7 @@ def test_band_limits_hold_for_a_wrong_guess_with_the_right_count():
 
 @pytest.mark.parametrize("span_bits", [0, 5, 16, 17, 18, 19, 20, 25, 32])
 def test_every_refinement_step_against_numpy(span_bits):
-  """Bands whose second step is none, a counting pass, or a histogram."""
+  """Bands whose first histogram resolves every value, or needs a second one."""
   from jaxcompress.core.select import _kth_largest_bits
 
   rng = np.random.default_rng(span_bits)
