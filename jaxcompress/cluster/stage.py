@@ -185,7 +185,7 @@ class Cluster(Stage):
       a = channel * self.num_centroids + a
     # The gather takes the assignments' sharding (stated for Explicit meshes).
     spec = _sharding.explicit_sharding(a)
-    shared = params.reshape(-1).at[a].get(out_sharding=None if spec is None else spec.spec)
+    shared = params.reshape(-1).at[a].get(out_sharding=spec)
     clustered = jnp.where(value != 0, shared, jnp.zeros_like(value))
     return jnp.where(state.clustered, clustered, value)
 

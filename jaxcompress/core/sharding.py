@@ -53,10 +53,13 @@ def explicit_sharding(x: Any) -> Any:
     >>> explicit_sharding(jnp.ones(3)) is None  # no mesh
     True
   """
-  try:
-    sharding = jax.typeof(x).sharding
-  except (TypeError, AttributeError):
-    return None
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    sharding = x.sharding  # a concrete array: the sharding on its concrete mesh
+  else:
+    try:
+      sharding = jax.typeof(x).sharding
+    except (TypeError, AttributeError):
+      return None
   if not isinstance(sharding, NamedSharding):
     return None
   explicit = {
@@ -79,15 +82,26 @@ def replicate_explicit(tree: Any) -> tuple[Any, bool]:
 
   Returns:
     ``(tree, changed)``; ``changed`` says whether anything was resharded.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
+    ...                      devices=jax.devices()[:2])
+    >>> w = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P("model")))
+    >>> (full,), changed = replicate_explicit((w,))
+    >>> changed, full.sharding.is_fully_replicated
+    (True, True)
   """
   changed = False
 
   def one(x):
     nonlocal changed
-    if explicit_sharding(x) is None:
+    sharding = explicit_sharding(x)
+    if sharding is None:
       return x
     changed = True
-    return jax.sharding.reshard(x, PartitionSpec())
+    return _reshard(x, sharding, PartitionSpec())
 
   return jax.tree_util.tree_map(one, tree), changed
 
@@ -97,13 +111,23 @@ def reshard_like(tree: Any, param: Any) -> Any:
 
   The inverse of ``replicate_explicit`` for the outputs of a stage: a mask
   gets the weight's sharding, a per-channel scale its channel axis (``derive``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
+    ...                      devices=jax.devices()[:2])
+    >>> w = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P(None, "model")))
+    >>> scale = jnp.ones((1, 2))  # per output channel, made on a replicated copy
+    >>> tuple(reshard_like(scale, w).sharding.spec)
+    (None, 'model')
   """
   sharding = explicit_sharding(param)
   if sharding is None:
     return tree
   shape = tuple(param.shape)
   return jax.tree_util.tree_map(
-      lambda a: jax.sharding.reshard(a, derive(sharding, shape, tuple(a.shape)).spec), tree
+      lambda a: _reshard(a, sharding, derive(sharding, shape, tuple(a.shape)).spec), tree
   )
 
 
@@ -113,6 +137,16 @@ def reshard_as(tree: Any, like: Any) -> Any:
   For a stage's new state and params, which keep the structure of the old ones
   (an invariant of every stage). Arrays of ``like`` without Explicit sharding,
   and trees whose structure differs, leave ``tree`` as it is.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
+    ...                      devices=jax.devices()[:2])
+    >>> old = {"mask": jax.device_put(jnp.ones((4, 2), bool), NamedSharding(mesh, P("model")))}
+    >>> new = reshard_as({"mask": jnp.zeros((4, 2), bool)}, old)
+    >>> tuple(new["mask"].sharding.spec)
+    ('model',)
   """
   t_leaves, t_def = jax.tree_util.tree_flatten(tree)
   l_leaves, l_def = jax.tree_util.tree_flatten(like)
@@ -121,7 +155,7 @@ def reshard_as(tree: Any, like: Any) -> Any:
   out = []
   for a, b in zip(t_leaves, l_leaves):
     sharding = explicit_sharding(b)
-    out.append(a if sharding is None else jax.sharding.reshard(a, sharding.spec))
+    out.append(a if sharding is None else _reshard(a, sharding, sharding.spec))
   return t_def.unflatten(out)
 
 
@@ -131,6 +165,15 @@ def unshard_axes(x: Any, axes: tuple[int, ...]) -> Any:
   For the rank axis of low-rank factors before they are multiplied: a derived
   sharding may split it on different mesh axes in ``U`` and ``V``, which
   explicit sharding refuses to contract. No-op on Auto meshes and without one.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
+    ...                      devices=jax.devices()[:2])
+    >>> u = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P(None, "model")))
+    >>> tuple(unshard_axes(u, (1,)).sharding.spec)
+    (None, None)
   """
   sharding = explicit_sharding(x)
   if sharding is None:
@@ -140,4 +183,13 @@ def unshard_axes(x: Any, axes: tuple[int, ...]) -> Any:
     return x
   for a in axes:
     spec[a] = None
-  return jax.sharding.reshard(x, PartitionSpec(*spec))
+  return _reshard(x, sharding, PartitionSpec(*spec))
+
+
+def _reshard(x: Any, like: NamedSharding, spec: PartitionSpec) -> Any:
+  """``x`` laid out as ``spec`` on the mesh of ``like``, under jit or eagerly."""
+  target = NamedSharding(like.mesh, spec)
+  if isinstance(x, jax.core.Tracer):
+    return jax.sharding.reshard(x, target)
+  # Eagerly, x may live on one device (a constant a stage made): a transfer.
+  return jax.device_put(x, target)
