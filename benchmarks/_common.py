@@ -73,15 +73,15 @@ def interleaved(runners: dict[str, Callable[[], Any]], steps: int, warmup: int) 
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def paired_ratios(
-    runners: dict[str, Callable[[], Any]], baseline: str, rounds: int, block: int, warmup: int
-) -> dict[str, float]:
-  """Median over rounds of (runner time / baseline time) within the round.
+def paired_times(
+    runners: dict[str, Callable[[], Any]], rounds: int, block: int, warmup: int
+) -> dict[str, list[float]]:
+  """Mean seconds per call of each runner, one figure per round.
 
   Each round runs every runner in a shuffled order: one untimed call (so that
   a runner does not pay for the caches the previous one left), then ``block``
-  timed calls, as in a training loop. A ratio compares blocks run moments
-  apart; the median over rounds drops the rounds another process disturbed.
+  timed calls, as in a training loop. Figures of one round were measured
+  moments apart, so ratios within a round are fair even on a busy machine.
   """
   for _ in range(warmup):
     for run in runners.values():
@@ -97,6 +97,17 @@ def paired_ratios(
       for _ in range(block):
         runners[name]()
       per_call[name].append((time.perf_counter() - t0) / block)
+  return per_call
+
+
+def paired_ratios(
+    runners: dict[str, Callable[[], Any]], baseline: str, rounds: int, block: int, warmup: int
+) -> dict[str, float]:
+  """Median over rounds of (runner time / baseline time) within the round (``paired_times``).
+
+  The median over rounds drops the rounds another process disturbed.
+  """
+  per_call = paired_times(runners, rounds, block, warmup)
   base = per_call[baseline]
   return {
       name: statistics.median(t / b for t, b in zip(ts, base))

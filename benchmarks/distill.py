@@ -12,8 +12,9 @@ fake-quantized to int8 inside the step (``teacher_spec``), over the same parts
 with the quantized teacher forward.
 
 Run: ``python benchmarks/distill.py`` (``--quick`` for a smoke run). The last
-line printed is one JSON object. Medians of interleaved calls after warm-up;
-absolute times are printed only on a GPU.
+line printed is one JSON object. Each round runs the three parts in a shuffled
+order, a block of calls each (``_common.paired_times``); the ratio is the
+median over rounds. Absolute times are printed only on a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 from typing import ClassVar
 
 import jax
@@ -31,7 +33,7 @@ import optax
 import jaxcompress as jc
 from jaxcompress import distill
 from _common import cross_entropy as hard_loss
-from _common import init_mlp, interleaved, mlp
+from _common import init_mlp, mlp, paired_times
 
 BATCH = 256
 TEACHER = (784, 1024, 1024, 10)
@@ -59,7 +61,7 @@ def kd_loss(params: dict, batch, teacher_logits, step) -> jax.Array:
   return distill.distillation_loss(mlp(params, x), teacher_logits, y, alpha=0.5, temperature=4.0).mean()
 
 
-def measure(steps: int, warmup: int, *, int8_teacher: bool, sizes=(TEACHER, STUDENT), batch=BATCH) -> dict:
+def measure(rounds: int, block: int, warmup: int, *, int8_teacher: bool, sizes=(TEACHER, STUDENT), batch=BATCH) -> dict:
   t_sizes, s_sizes = sizes
   rng = np.random.default_rng(0)
   data = (
@@ -93,15 +95,16 @@ def measure(steps: int, warmup: int, *, int8_teacher: bool, sizes=(TEACHER, STUD
     state["kd"], m = kd_step(state["kd"], teacher, data)
     m["loss"].block_until_ready()
 
-  t = interleaved({"forward": run_forward, "plain": run_plain, "kd": run_kd}, steps, warmup)
-  return {"ratio": t["kd"] / (t["forward"] + t["plain"]), "times": t}
+  t = paired_times({"forward": run_forward, "plain": run_plain, "kd": run_kd}, rounds, block, warmup)
+  ratio = statistics.median(k / (f + p) for k, f, p in zip(t["kd"], t["forward"], t["plain"]))
+  return {"ratio": ratio, "times": {name: statistics.median(v) for name, v in t.items()}}
 
 
 def main(quick: bool = False) -> dict:
-  steps, warmup = (20, 2) if quick else (60, 10)
+  rounds, block, warmup = (4, 2, 1) if quick else (40, 5, 5)
   sizes = ((784, 128, 128, 10), (784, 32, 10)) if quick else (TEACHER, STUDENT)
-  plain = measure(steps, warmup, int8_teacher=False, sizes=sizes)
-  int8 = measure(steps, warmup, int8_teacher=True, sizes=sizes)
+  plain = measure(rounds, block, warmup, int8_teacher=False, sizes=sizes)
+  int8 = measure(rounds, block, warmup, int8_teacher=True, sizes=sizes)
   device = jax.devices()[0]
   result = {
       "benchmark": "distill",
@@ -111,7 +114,7 @@ def main(quick: bool = False) -> dict:
       "teacher": list(sizes[0]),
       "student": list(sizes[1]),
       "batch": BATCH,
-      "steps": steps,
+      "steps_measured": rounds * block,
       "device": device.device_kind if device.platform == "gpu" else device.platform,
       "quick": quick,
   }
