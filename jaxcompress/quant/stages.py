@@ -182,6 +182,16 @@ class FakeQuant(_Quantizer):
             f"FakeQuant(rounding='stochastic') at {path!r} draws rounding noise: pass "
             "key=jax.random.key(...) to spec.init (jc.init_train_state(..., key=...))."
         )
+      key = jnp.asarray(key)
+      if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and (
+          jax.random.key_impl(key) != jax.random.key_impl(jax.random.key(0))
+      ):
+        raise ValueError(
+            f"FakeQuant(rounding='stochastic') at {path!r}: the key's PRNG implementation "
+            f"{jax.random.key_impl(key)} is not JAX's default "
+            f"{jax.random.key_impl(jax.random.key(0))}, in which the state stores it; pass "
+            "a key made by jax.random.key(seed)."
+        )
       noise = _key_data(key)
     if self.ranges == "dynamic":
       return None, (None if noise is None else QuantState(None, None, None, noise))

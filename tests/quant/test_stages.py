@@ -201,3 +201,5 @@ def test_stochastic_rounding_takes_the_update_key_and_needs_an_init_key():
   assert not np.array_equal(np.asarray(ka), np.asarray(kc))
   with pytest.raises(ValueError, match="rounding='up'"):
     jq.FakeQuant(rounding="up")
+  with pytest.raises(ValueError, match=r"'Dense_0/kernel': the key's PRNG implementation rbg"):
+    spec.init(params(), key=jax.random.key(0, impl="rbg"))
