@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.select import _BOTTOM, _TOP, _sortable_bits
+from jaxcompress.core.select import _kept_bounds, _sortable_bits
 
 _DIGIT_BITS = 2  # bits decided per counting pass: 2**2 - 1 = 3 counts per entry
 
@@ -127,16 +127,7 @@ def _rows_still_exact(previous: jax.Array, bits: jax.Array, k: jax.Array) -> jax
   whatever the tie rule), or when it keeps every entry. One variadic reduce
   over the columns gives the three per-row quantities in one pass.
   """
-  n_kept, lowest_kept, highest_dropped = jax.lax.reduce(
-      (
-          previous.astype(jnp.int32),
-          jnp.where(previous, bits, _TOP),
-          jnp.where(previous, _BOTTOM, bits),
-      ),
-      (jnp.int32(0), _TOP, _BOTTOM),
-      lambda x, y: (x[0] + y[0], jnp.minimum(x[1], y[1]), jnp.maximum(x[2], y[2])),
-      (1,),
-  )
+  n_kept, lowest_kept, highest_dropped = _kept_bounds(previous, bits, (1,))
   n = bits.shape[1]
   still = (n_kept == k) & ((lowest_kept > highest_dropped) | (n_kept == n))
   return jnp.all(still)

@@ -164,6 +164,23 @@ def topk_masks(
   return jax.lax.cond(still, lambda: previous, lambda: _select(bits, k, lo, hi))
 
 
+def _kept_bounds(
+    mask: jax.Array, bits: jax.Array, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Over ``axes``: how many entries ``mask`` keeps, its lowest kept and highest dropped bits.
+
+  One pass, as a single variadic reduce (XLA:CPU runs it several times faster
+  than three separate reductions). With none kept the lowest is ``_TOP``;
+  with none dropped the highest is ``_BOTTOM``.
+  """
+  return jax.lax.reduce(
+      (mask.astype(jnp.int32), jnp.where(mask, bits, _TOP), jnp.where(mask, _BOTTOM, bits)),
+      (jnp.int32(0), _TOP, _BOTTOM),
+      lambda x, y: (x[0] + y[0], jnp.minimum(x[1], y[1]), jnp.maximum(x[2], y[2])),
+      axes,
+  )
+
+
 def _check_guess(
     previous: list[jax.Array], bits: list[jax.Array], k: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -180,17 +197,9 @@ def _check_guess(
     ``(still_exact, lo, hi)``, with ``[lo, hi]`` the whole range when the
     count differs.
   """
-  # One pass per array, as a single variadic reduce (XLA:CPU runs it several
-  # times faster than three separate reductions): how many the guess keeps,
-  # its lowest kept and its highest dropped score.
   n_kept, lowest_kept, highest_dropped = jnp.int32(0), _TOP, _BOTTOM
   for p, b in zip(previous, bits):
-    n, lo, hi = jax.lax.reduce(
-        (p.astype(jnp.int32), jnp.where(p, b, _TOP), jnp.where(p, _BOTTOM, b)),
-        (jnp.int32(0), _TOP, _BOTTOM),
-        lambda x, y: (x[0] + y[0], jnp.minimum(x[1], y[1]), jnp.maximum(x[2], y[2])),
-        tuple(range(b.ndim)),
-    )
+    n, lo, hi = _kept_bounds(p, b, tuple(range(b.ndim)))
     n_kept, lowest_kept = n_kept + n, jnp.minimum(lowest_kept, lo)
     highest_dropped = jnp.maximum(highest_dropped, hi)
   total = sum(int(b.size) for b in bits)
