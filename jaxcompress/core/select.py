@@ -26,10 +26,11 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-_TOP = jnp.uint32(0xFFFFFFFF)  # above every sortable image (+inf maps to 0xFF800000)
-_BOTTOM = jnp.uint32(0)  # the image of NaN, below every number
+_TOP = np.uint32(0xFFFFFFFF)  # above every sortable image (+inf maps to 0xFF800000)
+_BOTTOM = np.uint32(0)  # the image of NaN, below every number
 
 
 def _sortable_bits(x: jax.Array) -> jax.Array:
