@@ -164,7 +164,8 @@ def _quant_static(x: Array, absmax: Array, bits: int) -> Array:
 
 def _ema(absmax: Array, count: Array, x: Array, decay: float) -> tuple[Array, Array]:
   """Folds ``max|x|`` into the moving average ``(absmax, count)``."""
-  batch = jax.lax.stop_gradient(jnp.max(jnp.abs(x)).astype(jnp.float32))
+  # Finite values only: one NaN or inf activation must not poison the range.
+  batch = jax.lax.stop_gradient(jnp.max(jnp.abs(numerics.finite_or_zero(x))).astype(jnp.float32))
   ema = calibration.ema_update(calibration.RangeEMA(-absmax, absmax, count), -batch, batch, decay)
   return ema.hi, ema.count
 

@@ -12,6 +12,9 @@ that share a scale (shape ``granularity.scale_shape(x.shape)``);
   minimizes the squared quantization error ``sum (fake_quant(x) - x)**2`` of
   each block, searched over a grid of ratios from 1 down to ``min_ratio``.
 
+Every calibrator reads the finite values of a block only: NaN and +-inf
+never widen a range (a block with no finite value gets the range ``[0, 0]``).
+
 Ranges that change over time (weights during training, activations over
 calibration batches) are smoothed by an exponential moving average:
 ``RangeEMA`` holds ``(lo, hi, count)`` and ``ema_update`` folds in a new
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.core.checks import check_int, check_number
 from jaxcompress.quant import numerics
 from jaxcompress.quant.numerics import Format, Granularity
 
@@ -81,7 +85,7 @@ class AbsMax(Calibrator):
 
   def __call__(self, x: Array, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
     del fmt
-    r = numerics.reduce_blocks(jnp.abs(x.astype(jnp.float32)), granularity, jnp.max)
+    r = numerics.reduce_blocks(jnp.abs(numerics.finite_or_zero(x.astype(jnp.float32))), granularity, jnp.max)
     return -r, r
 
 
@@ -101,10 +105,11 @@ class MinMax(Calibrator):
   def __call__(self, x: Array, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
     del fmt
     xf = x.astype(jnp.float32)
-    return (
-        numerics.reduce_blocks(xf, granularity, jnp.min),
-        numerics.reduce_blocks(xf, granularity, jnp.max),
-    )
+    finite = jnp.isfinite(xf)
+    lo = numerics.reduce_blocks(jnp.where(finite, xf, jnp.inf), granularity, jnp.min)
+    hi = numerics.reduce_blocks(jnp.where(finite, xf, -jnp.inf), granularity, jnp.max)
+    empty = lo > hi  # no finite value in the block
+    return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,19 +134,20 @@ class Percentile(Calibrator):
   q: float = 99.9
 
   def __post_init__(self):
-    if not 0.0 < self.q <= 100.0:
-      raise ValueError(f"Percentile(q={self.q!r}): q must lie in (0, 100], e.g. 99.9.")
+    check_number("Percentile", "q", self.q, low=0.0, high=100.0, low_open=True)
 
   def __call__(self, x: Array, fmt: Format, granularity: Granularity) -> tuple[Array, Array]:
     xf = x.astype(jnp.float32)
+    xf = jnp.where(jnp.isfinite(xf), xf, jnp.nan)  # nanpercentile skips them
+
+    def pct(v, q):
+      r = numerics.reduce_blocks(v, granularity, functools.partial(jnp.nanpercentile, q=q))
+      return jnp.where(jnp.isnan(r), 0.0, r)  # a block with no finite value
+
     if fmt.symmetric:
-      r = numerics.reduce_blocks(
-          jnp.abs(xf), granularity, functools.partial(jnp.percentile, q=self.q)
-      )
+      r = pct(jnp.abs(xf), self.q)
       return -r, r
-    lo = numerics.reduce_blocks(xf, granularity, functools.partial(jnp.percentile, q=100.0 - self.q))
-    hi = numerics.reduce_blocks(xf, granularity, functools.partial(jnp.percentile, q=self.q))
-    return lo, hi
+    return pct(xf, 100.0 - self.q), pct(xf, self.q)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,6 +157,9 @@ class MSE(Calibrator):
   Candidate ranges are ``ratio * (lo, hi)`` of the absmax (symmetric) or
   min/max (asymmetric) range, for ``ratios()`` from 1 down to ``min_ratio``;
   the first ratio with the smallest error wins (ties keep the wider range).
+  The search costs ``num`` fake quantizations of the tensor (about 1 s for a
+  4096 x 4096 kernel on CPU): ``FakeQuant(ranges="static")`` runs it once, at
+  ``init``, unless asked to re-calibrate (``update_every``).
 
   Args:
     num: number of candidate ratios.
@@ -170,10 +179,8 @@ class MSE(Calibrator):
   min_ratio: float = 0.2
 
   def __post_init__(self):
-    if not (isinstance(self.num, int) and self.num >= 1):
-      raise ValueError(f"MSE(num={self.num!r}): num must be a positive int, e.g. 64.")
-    if not 0.0 < self.min_ratio <= 1.0:
-      raise ValueError(f"MSE(min_ratio={self.min_ratio!r}): must lie in (0, 1], e.g. 0.2.")
+    check_int("MSE", "num", self.num, low=1)
+    check_number("MSE", "min_ratio", self.min_ratio, low=0.0, high=1.0, low_open=True)
 
   def ratios(self) -> np.ndarray:
     """The candidate ratios, float32, from 1 down to ``min_ratio``."""
@@ -189,10 +196,12 @@ def _mse_search(x: Array, mse: MSE, fmt: Format, granularity: Granularity) -> tu
   lo0, hi0 = base(x, fmt, granularity)
   xf = x.astype(jnp.float32)
 
+  finite = jnp.isfinite(xf)
+
   def error(ratio):
     scale, zp = numerics.scale_from_range(lo0 * ratio, hi0 * ratio, fmt)
-    q = numerics.quantize(xf, fmt, granularity, scale=scale, zero_point=zp)
-    d = numerics.dequantize(q, jnp.float32) - xf
+    d = numerics.fake_quant(xf, fmt, granularity, scale=scale, zero_point=zp) - xf
+    d = jnp.where(finite, d, 0.0)  # non-finite values take no part
     return numerics.reduce_blocks(d * d, granularity, jnp.sum)
 
   def body(carry, ratio):

@@ -24,6 +24,24 @@ Integer rounding is round-half-to-even (``jnp.round``) or stochastic
 (``floor(y + u)``, ``u ~ U[0, 1)`` drawn by ``jax.random.uniform(key, x.shape)``).
 Float8 rounding is the round-to-nearest-even cast, or stochastic rounding to one
 of the two neighbouring float8 values.
+
+Non-finite values (NaN, +-inf) never set a scale and never harm their
+neighbours:
+
+- ranges and scales are computed from the finite values of each block only
+  (``compute_scale`` and every calibrator); a block with no finite value gets
+  the scale of an all-zero block;
+- fake quantization (``fake_quant``, the estimators in ``ste`` and the
+  ``FakeQuant``/``LSQ`` stages) passes them through: NaN stays NaN, +-inf stays
+  +-inf, so a diverging weight stays visible, while the other values of its
+  block are quantized as if it were absent. This check-free rule is what the
+  training hot path uses (no host callback, no extra pass);
+- a real encoding (``quantize``, ``quantize_params``, ``gptq``) keeps what its
+  storage dtype holds (NaN in both float8 formats, +-inf in ``float8_e5m2``)
+  and refuses the rest (any non-finite value in an integer format, +-inf in
+  ``float8_e4m3fn``): a ``ValueError`` naming the leaf path at once when the
+  values are concrete, or the same error at run time (``core.checks.error_if``)
+  when they are traced.
 """
 
 from __future__ import annotations
@@ -34,6 +52,8 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxcompress.core.checks import check_int, error_if, is_concrete
 
 Array = jax.Array
 Rounding = Literal["nearest", "stochastic"]
@@ -64,8 +84,7 @@ class Format:
   Float8 formats are symmetric; the scale maps the absolute maximum to the
   largest finite float8 value.
 
-  Fields are checked by ``check`` (called by ``quantize`` and by every stage's
-  ``init``, which names the leaf path).
+  Fields are checked when the format is built (``Format(bits=9)`` raises).
 
   Args:
     dtype: ``"int"``, ``"float8_e4m3fn"`` or ``"float8_e5m2"``.
@@ -114,42 +133,104 @@ class Format:
       return float(jnp.finfo(_FLOAT8[self.dtype]).max)
     return 2 ** (self.bits - 1) - 1
 
+  def __post_init__(self):
+    self.check("Format")
+
+  @property
+  def rounding_range(self) -> tuple[float, float]:
+    """The scaled values that round onto the grid without clipping.
+
+    ``(qmin - 1/2, qmax + 1/2)`` for integers; for float8, the largest finite
+    value plus half its spacing (``+-464`` for ``float8_e4m3fn``). The clipped
+    straight-through estimator passes the gradient inside this range.
+
+    Example:
+      >>> from jaxcompress.quant.numerics import Format
+      >>> Format(bits=4).rounding_range, Format(dtype="float8_e4m3fn").rounding_range
+      ((-8.5, 7.5), (-464.0, 464.0))
+    """
+    if self.is_float:
+      info = jnp.finfo(_FLOAT8[self.dtype])
+      top = float(info.max)
+      half_ulp = 2.0 ** (int(np.floor(np.log2(top))) - int(info.nmant) - 1)
+      return -(top + half_ulp), top + half_ulp
+    return self.qmin - 0.5, self.qmax + 0.5
+
+  def holds(self, value: float) -> bool:
+    """True when the storage dtype can hold the non-finite ``value`` (NaN or +-inf).
+
+    Example:
+      >>> from jaxcompress.quant.numerics import Format
+      >>> Format().holds(float("nan")), Format(dtype="float8_e5m2").holds(float("inf"))
+      (False, True)
+    """
+    if not self.is_float:
+      return False
+    return np.isnan(value) or self.dtype == "float8_e5m2"
+
   def check(self, path: str = "<array>") -> None:
     """Raises ``ValueError``/``TypeError`` naming ``path`` if a field is invalid.
 
+    ``Format`` checks itself when built (``path`` is then ``"Format"``); the
+    stages check their own fields the same way, named by the stage.
+
     Args:
-      path: the leaf path, for the message.
+      path: what to name in the message (a stage name or a leaf path).
 
     Returns:
       None.
 
     Example:
       >>> from jaxcompress.quant.numerics import Format
-      >>> Format(bits=9).check("Dense_0/kernel")
+      >>> Format(bits=9)
       Traceback (most recent call last):
       ...
-      ValueError: Dense_0/kernel: bits=9 is not supported; integer quantization takes bits from 2 to 8 ...
+      ValueError: Format: bits=9 is not supported; integer quantization takes bits from 2 to 8 ...
     """
-    if self.dtype not in _DTYPES:
+    check_format_fields(path, dtype=self.dtype, bits=self.bits, symmetric=self.symmetric,
+                        narrow_range=self.narrow_range)
+
+
+def check_format_fields(where: str, *, dtype: Any, bits: Any, symmetric: Any, narrow_range: Any) -> None:
+  """Checks the fields of a ``Format``; the message names ``where``, the value and the fix.
+
+  Args:
+    where: the stage, function or leaf path to name.
+    dtype, bits, symmetric, narrow_range: as for ``Format``.
+
+  Returns:
+    None; raises ``ValueError``/``TypeError``.
+
+  Example:
+    >>> from jaxcompress.quant.numerics import check_format_fields
+    >>> check_format_fields("LSQ", dtype="int", bits=1, symmetric=True, narrow_range=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: LSQ: bits=1 is not supported; integer quantization takes bits from 2 to 8 ...
+  """
+  if not isinstance(dtype, str) or dtype not in _DTYPES:
+    raise ValueError(
+        f"{where}: unknown quantization dtype {dtype!r}; use one of {list(_DTYPES)} "
+        "(integers take their width from `bits`)."
+    )
+  for name, flag in (("symmetric", symmetric), ("narrow_range", narrow_range)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"{where}: {name} must be True or False, got {flag!r}.")
+  if dtype in _FLOAT8:
+    if not symmetric:
       raise ValueError(
-          f"{path}: unknown quantization dtype {self.dtype!r}; use one of {list(_DTYPES)} "
-          "(integers take their width from `bits`)."
+          f"{where}: dtype={dtype!r} with symmetric=False; float8 quantization is "
+          "symmetric only: pass symmetric=True, or use dtype='int' for a zero point."
       )
-    if self.is_float:
-      if not self.symmetric:
-        raise ValueError(
-            f"{path}: dtype={self.dtype!r} with symmetric=False; float8 quantization is "
-            "symmetric only: pass symmetric=True, or use dtype='int' for a zero point."
-        )
-      return
-    if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
-      raise TypeError(f"{path}: bits must be an int from 2 to 8, got {self.bits!r}.")
-    if not 2 <= self.bits <= 8:
-      raise ValueError(
-          f"{path}: bits={self.bits} is not supported; integer quantization takes bits "
-          "from 2 to 8 (use dtype='float8_e4m3fn' or 'float8_e5m2' for 8-bit floats, or "
-          "leave the leaf unquantized for wider formats)."
-      )
+    return
+  is_int = isinstance(bits, (int, np.integer)) and not isinstance(bits, (bool, np.bool_))
+  if is_int and not 2 <= bits <= 8:
+    raise ValueError(
+        f"{where}: bits={bits} is not supported; integer quantization takes bits "
+        "from 2 to 8 (use dtype='float8_e4m3fn' or 'float8_e5m2' for 8-bit floats, or "
+        "leave the leaf unquantized for wider formats)."
+    )
+  check_int(where, "bits", bits, low=2, high=8)  # the type
 
 
 # --------------------------------------------------------------------------
@@ -235,6 +316,14 @@ class PerChannel(Granularity):
 
   axis: int | tuple[int, ...] = -1
 
+  def __post_init__(self):
+    axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+    if not axes or any(isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in axes):
+      raise TypeError(
+          f"PerChannel: axis must be an int or a non-empty tuple of ints, got {self.axis!r}; "
+          "e.g. PerChannel(axis=-1) for the output features of a Flax kernel."
+      )
+
   def _axes(self, ndim: int) -> tuple[int, ...]:
     axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
     return tuple(_norm_axis(a, ndim) for a in axes)
@@ -278,6 +367,10 @@ class PerGroup(Granularity):
 
   size: int
   axis: int = -2
+
+  def __post_init__(self):
+    check_int("PerGroup", "size", self.size, low=1)
+    check_int("PerGroup", "axis", self.axis)
 
   def check(self, shape: tuple[int, ...], path: str = "<array>") -> None:
     if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
@@ -461,13 +554,91 @@ def compute_scale(
     >>> (s * 127).tolist(), z
     ([[1.0, 2.0]], None)
   """
-  xf = x.astype(jnp.float32)
+  # Non-finite values count as zeros: the range is widened to include zero
+  # anyway, so the scale is that of the finite values alone.
+  xf = finite_or_zero(x.astype(jnp.float32))
   if fmt.symmetric:
     r = reduce_blocks(jnp.abs(xf), granularity, jnp.max)
     return scale_from_range(-r, r, fmt)
   lo = reduce_blocks(xf, granularity, jnp.min)
   hi = reduce_blocks(xf, granularity, jnp.max)
   return scale_from_range(lo, hi, fmt)
+
+
+def finite_or_zero(x: Array) -> Array:
+  """``x`` with its NaN and +-inf replaced by zeros (the neutral value of ranges).
+
+  Args:
+    x: any float array.
+
+  Returns:
+    An array like ``x``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import finite_or_zero
+    >>> finite_or_zero(jnp.array([1.0, jnp.nan, -jnp.inf])).tolist()
+    [1.0, 0.0, 0.0]
+  """
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+
+
+def check_finite(
+    x: Array,
+    fmt: Format | None,
+    path: str = "<array>",
+    *,
+    what: str = "value",
+    why: str | None = None,
+    fix: str | None = None,
+) -> None:
+  """Refuses the non-finite values of ``x`` that ``fmt`` cannot hold (see the module docstring).
+
+  Integer formats hold no NaN or +-inf; ``float8_e4m3fn`` holds NaN but not
+  +-inf; ``float8_e5m2`` holds both; ``fmt=None`` refuses every non-finite
+  value. On concrete values it raises at once (the message counts the bad
+  values and gives the first one's index); on traced values the check runs
+  with the computation (``core.checks.error_if``): keep it off the training hot
+  path.
+
+  Args:
+    x: the tensor.
+    fmt: the format it is about to be encoded in, or ``None``.
+    path: the leaf path, named in the message.
+    what: what the values are, for the message (``"calibration input"``).
+    why: why they are refused; default: they cannot be encoded in ``fmt``.
+    fix: what to do; default: clean them or leave the leaf unquantized.
+
+  Returns:
+    None; raises ``ValueError``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.numerics import Format, check_finite
+    >>> check_finite(jnp.array([1.0, jnp.nan]), Format(dtype="float8_e5m2"), "w")
+    >>> check_finite(jnp.array([1.0, jnp.nan]), Format(bits=8), "w")
+    Traceback (most recent call last):
+    ...
+    ValueError: w: 1 non-finite value(s) (first nan at index (1,)) cannot be encoded in int8; ...
+  """
+  if fmt is not None and fmt.is_float and fmt.holds(np.inf):
+    return
+  bad = jnp.isinf(x) if fmt is not None and fmt.is_float else ~jnp.isfinite(x)
+  if why is None:
+    why = f"cannot be encoded in {fmt.dtype if fmt.is_float else f'int{fmt.bits}'}"
+  if fix is None:
+    fix = ("replace or mask them before encoding (e.g. jnp.nan_to_num), or leave this leaf "
+           "unquantized; fake quantization (FakeQuant, fake_quant) passes them through instead.")
+  if is_concrete(x):
+    bad = np.asarray(bad)
+    if bad.any():
+      first = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(
+          f"{path}: {int(bad.sum())} non-finite {what}(s) (first {float(np.asarray(x)[first])} "
+          f"at index {first}) {why}; {fix}"
+      )
+  else:
+    error_if(jnp.any(bad), f"{path}: non-finite {what}s {why}; {fix}")
 
 
 # --------------------------------------------------------------------------
@@ -602,11 +773,14 @@ def quantize(
     zero_point: Array | None = None,
     rounding: Rounding = "nearest",
     key: Array | None = None,
+    path: str = "<array>",
 ) -> QArray:
   """Quantizes ``x`` to real low-precision values plus scales.
 
   ``values = clip(round(x / scale + zero_point), qmin, qmax)`` in
-  ``fmt.storage_dtype``, computed in float32.
+  ``fmt.storage_dtype``, computed in float32. Scales come from the finite
+  values; NaN/inf are kept where the storage dtype holds them, else refused
+  (``check_finite``: a ``ValueError`` naming ``path``).
 
   Args:
     x: the tensor (any float dtype).
@@ -618,6 +792,7 @@ def quantize(
     zero_point: the zero point with a given asymmetric ``scale``.
     rounding: ``"nearest"`` or ``"stochastic"`` (see ``to_grid``).
     key: PRNG key for stochastic rounding.
+    path: the leaf path, named in error messages.
 
   Returns:
     A ``QArray``.
@@ -633,29 +808,43 @@ def quantize(
   """
   fmt = Format() if fmt is None else fmt
   granularity = PerChannel() if granularity is None else granularity
-  check(fmt, granularity, tuple(x.shape))
+  check(fmt, granularity, tuple(x.shape), path)
+  check_finite(x, fmt, path)
+  y, scale, zp = _to_grid_values(x, fmt, granularity, scale, zero_point, rounding, key, path)
+  xf = x.astype(jnp.float32)
+  # What the storage dtype holds passes through (float8 NaN/inf); integers
+  # were refused above, and get 0 under a traced check.
+  y = jnp.where(jnp.isfinite(xf), y, xf if fmt.is_float else jnp.zeros_like(y))
+  values = y.astype(fmt.storage_dtype)
+  if zp is not None:
+    zp = jnp.asarray(zp).astype(fmt.storage_dtype)
+  return QArray(values, scale, zp, fmt, granularity, np.dtype(x.dtype))
+
+
+def _to_grid_values(x, fmt, granularity, scale, zero_point, rounding, key, path):
+  """Grid values of ``x`` (float32, unchecked), its scale and zero point."""
   if scale is None:
     scale, zp = compute_scale(x, fmt, granularity)
   else:
     scale = jnp.asarray(scale, jnp.float32)
     zp = zero_point
     if not fmt.symmetric and zp is None:
-      raise ValueError("an asymmetric format with a given scale needs its zero_point as well.")
+      raise ValueError(
+          f"{path}: an asymmetric format with a given scale needs its zero_point as well; "
+          "pass zero_point= (scale_from_range gives both)."
+      )
     if fmt.symmetric:
       zp = None
   want = granularity.scale_shape(tuple(x.shape))
   if tuple(scale.shape) != want:
     raise ValueError(
-        f"scale of shape {tuple(scale.shape)} does not fit {granularity!r} on a tensor of shape "
-        f"{tuple(x.shape)}; expected shape {want}."
+        f"{path}: scale of shape {tuple(scale.shape)} does not fit {granularity!r} on a tensor "
+        f"of shape {tuple(x.shape)}; expected shape {want}."
     )
   y = x.astype(jnp.float32) / expand_scale(scale, x.shape, granularity)
   if zp is not None:
     y = y + expand_scale(zp, x.shape, granularity).astype(jnp.float32)
-  values = to_grid(y, fmt, rounding=rounding, key=key).astype(fmt.storage_dtype)
-  if zp is not None:
-    zp = jnp.asarray(zp).astype(fmt.storage_dtype)
-  return QArray(values, scale, zp, fmt, granularity, np.dtype(x.dtype))
+  return to_grid(y, fmt, rounding=rounding, key=key), scale, zp
 
 
 def dequantize(q: QArray, dtype: Any = None) -> Array:
@@ -698,7 +887,9 @@ def fake_quant(
   """``dequantize(quantize(x, ...))`` in ``x.dtype``, without a gradient rule.
 
   Rounding has a zero derivative; for training use the estimators in
-  ``jaxcompress.quant.ste``.
+  ``jaxcompress.quant.ste``. Non-finite values pass through unchanged (NaN
+  stays NaN, +-inf stays +-inf) and do not enter the scale: no check, no
+  error, so it fits a training step.
 
   Args:
     x, fmt, granularity, scale, zero_point, rounding, key: as for ``quantize``.
@@ -711,10 +902,19 @@ def fake_quant(
     >>> from jaxcompress.quant.numerics import Format, PerTensor, fake_quant
     >>> fake_quant(jnp.array([0.1, 1.0]), Format(bits=2), PerTensor()).tolist()
     [0.0, 1.0]
+    >>> fake_quant(jnp.array([0.5, jnp.nan, -2.18, 3.61]), Format(bits=4), PerTensor()).tolist()
+    [0.515..., nan, -2.062..., 3.61...]
   """
-  return dequantize(
-      quantize(x, fmt, granularity, scale=scale, zero_point=zero_point, rounding=rounding, key=key)
-  )
+  fmt = Format() if fmt is None else fmt
+  granularity = PerChannel() if granularity is None else granularity
+  check(fmt, granularity, tuple(x.shape))
+  y, scale, zp = _to_grid_values(x, fmt, granularity, scale, zero_point, rounding, key, "<array>")
+  # The round trip through the storage dtype keeps the result bit-identical
+  # to dequantize(quantize(x)) for finite x.
+  q = QArray(y.astype(fmt.storage_dtype), scale,
+             None if zp is None else jnp.asarray(zp).astype(fmt.storage_dtype),
+             fmt, granularity, np.dtype(x.dtype))
+  return jnp.where(jnp.isfinite(x), dequantize(q), x)
 
 
 def num_bits(fmt: Format) -> int:
@@ -742,10 +942,13 @@ __all__ = [
     "PerTensor",
     "QArray",
     "check",
+    "check_finite",
+    "check_format_fields",
     "compute_scale",
     "dequantize",
     "expand_scale",
     "fake_quant",
+    "finite_or_zero",
     "num_bits",
     "quantize",
     "reduce_blocks",

@@ -36,7 +36,9 @@ def _is_qarray(x: Any) -> bool:
   return isinstance(x, QArray)
 
 
-def _fmt(bits: int, dtype: str, symmetric: bool, narrow_range: bool) -> Format:
+def _fmt(where: str, bits: int, dtype: str, symmetric: bool, narrow_range: bool) -> Format:
+  numerics.check_format_fields(where, dtype=dtype, bits=bits, symmetric=symmetric,
+                               narrow_range=narrow_range)
   return Format(dtype=dtype, bits=bits, symmetric=symmetric, narrow_range=narrow_range)
 
 
@@ -64,6 +66,9 @@ def quantize_params(
 
   Returns:
     The tree with a ``QArray`` at every selected leaf (other leaves unchanged).
+    Scales come from the finite weights; a NaN or +-inf weight that the format
+    cannot hold (any, for integers) is a ``ValueError`` naming its leaf path
+    (at once for concrete params, at run time under ``jit``).
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
@@ -75,7 +80,7 @@ def quantize_params(
     >>> [[round(v, 2) for v in row] for row in w.tolist()]
     [[1.0, -2.02], [0.5, 4.0]]
   """
-  fmt = _fmt(bits, dtype, symmetric, narrow_range)
+  fmt = _fmt("quantize_params", bits, dtype, symmetric, narrow_range)
   granularity = PerChannel() if granularity is None else granularity
   calibration = _cal.default_calibrator(fmt) if calibration is None else calibration
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -92,20 +97,20 @@ def quantize_params(
     if not sel:
       out.append(leaf)
       continue
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      raise TypeError(
-          f"quantize_params: {path} has dtype {leaf.dtype}; only float leaves can be "
-          "quantized. Narrow the pattern."
-      )
+    _check_float(leaf, path, "quantize_params")
     numerics.check(fmt, granularity, tuple(leaf.shape), path)
-    out.append(_rtn(leaf, fmt, granularity, calibration))
+    numerics.check_finite(leaf, fmt, path)
+    scale, zp = calibration.scale(leaf, fmt, granularity)
+    out.append(numerics.quantize(leaf, fmt, granularity, scale=scale, zero_point=zp, path=path))
   return treedef.unflatten(out)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _rtn(x, fmt, granularity, calibration):
-  scale, zp = calibration.scale(x, fmt, granularity)
-  return numerics.quantize(x, fmt, granularity, scale=scale, zero_point=zp)
+def _check_float(a: Any, path: str, where: str, what: str = "weights") -> None:
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    raise TypeError(
+        f"{where}: {path} has {what} of dtype {a.dtype}; only real floating-point {what} "
+        "can be quantized. Narrow the pattern, or cast them to a float dtype."
+    )
 
 
 def dequantize_params(tree: PyTree) -> PyTree:
@@ -148,6 +153,8 @@ def _check_gptq(w: Any, x: Any, fmt: Format, granularity: Granularity, path: str
         f"{path}: calibration inputs of shape {tuple(x.shape)} do not match the kernel "
         f"{tuple(w.shape)}; their last axis must be the kernel's input size {w.shape[0]}."
     )
+  _check_float(w, path, "gptq", "weights")
+  _check_float(x, path, "gptq", "calibration inputs")
   numerics.check(fmt, granularity, tuple(w.shape), path)
   ok = (
       isinstance(granularity, PerTensor)
@@ -160,6 +167,15 @@ def _check_gptq(w: Any, x: Any, fmt: Format, granularity: Granularity, path: str
         f"along the input axis; got {granularity!r}. Use PerTensor(), PerChannel(axis=-1) or "
         "PerGroup(size=..., axis=0)."
     )
+  numerics.check_finite(
+      w, None, path, what="weight",
+      why="cannot be quantized by GPTQ (its error feedback would spread them over their column)",
+      fix="replace or mask them first (e.g. jnp.nan_to_num), or leave this kernel unquantized.",
+  )
+  numerics.check_finite(
+      x, None, path, what="calibration input", why="would make the GPTQ Hessian non-finite",
+      fix="drop or clean the calibration batches that hold them.",
+  )
 
 
 def hessian(x: Array) -> Array:
@@ -283,6 +299,11 @@ def gptq(
   Returns:
     A ``QArray`` holding the quantized kernel.
 
+  Raises:
+    TypeError: ``w`` or ``x`` is not of a real floating-point dtype.
+    ValueError: ``w`` or ``x`` holds NaN or +-inf (named by ``path``; at run
+      time when traced), or a setting is invalid.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from jaxcompress.quant.ptq import gptq
@@ -292,7 +313,7 @@ def gptq(
     >>> q.values.dtype, q.scale.shape
     (dtype(int4), (1, 8))
   """
-  fmt = _fmt(bits, dtype, symmetric, narrow_range)
+  fmt = _fmt("gptq", bits, dtype, symmetric, narrow_range)
   granularity = PerChannel() if granularity is None else granularity
   calibration = _cal.default_calibrator(fmt) if calibration is None else calibration
   _check_gptq(w, x, fmt, granularity, path)

@@ -5,8 +5,14 @@ quantizer needs an estimator for the backward pass:
 
 - ``fake_quant_ste``: the forward value is exactly
   ``numerics.fake_quant(x, ...)``; the backward pass is the identity
-  (``estimator="identity"``) or the identity inside the representable range and
-  zero outside it (``estimator="clipped"``). The scale gets no gradient.
+  (``estimator="identity"``) or the identity where the forward pass does not
+  clip and zero where it does (``estimator="clipped"``): the scaled value
+  ``x / scale + zero_point`` is compared with the rounding range
+  ``[qmin - 1/2, qmax + 1/2]`` (``Format.rounding_range``), not with
+  ``[qmin, qmax]``. So the weights that set a dynamic or calibrated scale keep
+  their gradient: the scale is a rounded product (``range * (1 / qmax)``), and
+  their scaled value may land one ulp beyond ``qmax``, which the forward pass
+  rounds back to ``qmax`` unchanged. The scale gets no gradient.
 - ``lsq_fake_quant``: learned step size quantization (Esser et al., 2020,
   "Learned Step Size Quantization"). The step ``s`` is trained with
   ``d x_q / d s = round(x / s) - x / s`` inside the range and ``qmin`` or
@@ -16,6 +22,10 @@ quantizer needs an estimator for the backward pass:
   bound ``alpha`` and quantized on ``[0, alpha]``;
   ``d x_q / d alpha = 1[x >= alpha]`` (the straight-through estimator on the
   rounding).
+
+Non-finite weights (see ``numerics``): NaN and +-inf pass through every
+estimator unchanged and take no part in the scale, the step or their
+neighbours' gradients.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.checks import check_int
 from jaxcompress.quant import numerics
 from jaxcompress.quant.numerics import Format, Granularity
 
@@ -116,7 +127,8 @@ def _fq_bwd(fmt, granularity, estimator, rounding, res, g):
     y = x.astype(jnp.float32) / numerics.expand_scale(scale, x.shape, granularity)
     if zero_point is not None:
       y = y + numerics.expand_scale(zero_point, x.shape, granularity).astype(jnp.float32)
-    inside = (y >= fmt.qmin) & (y <= fmt.qmax)
+    lo, hi = fmt.rounding_range
+    inside = (y >= lo) & (y <= hi)
     g = jnp.where(inside, g, jnp.zeros_like(g))
   return g, jnp.zeros_like(scale), None, None
 
@@ -145,7 +157,9 @@ def fake_quant_ste(
       (``numerics.compute_scale``, held constant in the backward pass).
     zero_point: with an asymmetric ``scale``.
     estimator: ``"identity"``: the gradient passes unchanged; ``"clipped"``: it
-      is zeroed where ``x / scale + zero_point`` lies outside ``[qmin, qmax]``.
+      is zeroed where the forward pass clips, i.e. where ``x / scale +
+      zero_point`` lies outside ``fmt.rounding_range`` (``[qmin - 1/2, qmax +
+      1/2]`` for integers).
     rounding: ``"nearest"`` or ``"stochastic"``.
     key: PRNG key for stochastic rounding.
 
@@ -158,7 +172,7 @@ def fake_quant_ste(
     >>> from jaxcompress.quant.ste import fake_quant_ste
     >>> f = lambda x: fake_quant_ste(x, Format(bits=4), PerTensor(), scale=jnp.ones((1,)),
     ...                              estimator="clipped").sum()
-    >>> jax.grad(f)(jnp.array([0.3, 6.9, 9.0])).tolist()
+    >>> jax.grad(f)(jnp.array([0.3, 7.4, 9.0])).tolist()
     [1.0, 1.0, 0.0]
   """
   fmt = Format() if fmt is None else fmt
@@ -201,6 +215,8 @@ def lsq_grad_scale(n: int, fmt: Format) -> float:
 def lsq_init_step(x: Array, fmt: Format, granularity: Granularity) -> Array:
   """LSQ's initial step ``2 * mean(|x|) / sqrt(Qp)`` per block (never zero).
 
+  The mean is over the finite values of the block.
+
   Args:
     x: the tensor.
     fmt: a symmetric integer format.
@@ -216,7 +232,11 @@ def lsq_init_step(x: Array, fmt: Format, granularity: Granularity) -> Array:
     >>> lsq_init_step(jnp.array([1.0, -3.0]), Format(bits=2), PerTensor()).tolist()
     [4.0]
   """
-  mean = numerics.reduce_blocks(jnp.abs(x.astype(jnp.float32)), granularity, jnp.mean)
+  xf = x.astype(jnp.float32)
+  finite = jnp.isfinite(xf)
+  total = numerics.reduce_blocks(jnp.where(finite, jnp.abs(xf), 0.0), granularity, jnp.sum)
+  count = numerics.reduce_blocks(finite.astype(jnp.float32), granularity, jnp.sum)
+  mean = total / jnp.maximum(count, 1.0)  # of the finite values
   step = 2.0 * mean / jnp.sqrt(jnp.float32(fmt.qmax))
   return jnp.where(step > 0, step, jnp.float32(1.0 / fmt.qmax))
 
@@ -234,7 +254,8 @@ def lsq_fake_quant(
   Gradients: with respect to ``x``, 1 inside the range and 0 outside; with
   respect to the step ``s``, ``round(x/s) - x/s`` inside and ``qmin``/``qmax``
   outside, summed over the elements sharing ``s`` and multiplied by
-  ``grad_scale``.
+  ``grad_scale``. Non-finite ``x`` pass through (NaN stays NaN, +-inf stays
+  +-inf) and add nothing to the step's gradient.
 
   Args:
     x: the tensor; the output has its dtype.
@@ -263,10 +284,14 @@ def lsq_fake_quant(
   if grad_scale is None:
     grad_scale = lsq_grad_scale(max(1, math.prod(x.shape) // max(1, math.prod(step.shape))), fmt)
   s = numerics.expand_scale(scale_grad(step.astype(jnp.float32), grad_scale), x.shape, granularity)
+  xf = x.astype(jnp.float32)
+  finite = jnp.isfinite(xf)
+  # Non-finite values are computed as zeros (no NaN reaches the step's
+  # gradient) and put back afterwards.
   # Clip before rounding (same value): the clip's kink then sits at qmin/qmax
   # exactly, not on the whole rounding interval of the bounds.
-  q = round_ste(jnp.clip(x.astype(jnp.float32) / s, fmt.qmin, fmt.qmax))
-  return (q * s).astype(x.dtype)
+  q = round_ste(jnp.clip(jnp.where(finite, xf, 0.0) / s, fmt.qmin, fmt.qmax))
+  return jnp.where(finite, q * s, xf).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -302,7 +327,7 @@ def pact_quant(x: Array, alpha: Array, *, bits: int = 8, signed: bool = False) -
     >>> float(jax.grad(lambda a: pact_quant(x, a, bits=2).sum())(jnp.float32(3.0)))
     1.0
   """
-  Format(bits=bits).check("pact_quant")
+  check_int("pact_quant", "bits", bits, low=2, high=8)
   alpha = jnp.asarray(alpha, jnp.float32)
   xf = x.astype(jnp.float32)
   if signed:

@@ -99,11 +99,11 @@ def test_ema_matches_closed_form():
 
 
 def test_bad_calibrator_arguments():
-  with pytest.raises(ValueError, match=r"Percentile\(q=0\).*\(0, 100\]"):
+  with pytest.raises(ValueError, match=r"Percentile: q must be a number in \(0, 100\], got 0"):
     cal.Percentile(q=0)
-  with pytest.raises(ValueError, match=r"MSE\(num=0\)"):
+  with pytest.raises(ValueError, match=r"MSE: num must be an integer in \[1, inf\], got 0"):
     cal.MSE(num=0)
-  with pytest.raises(ValueError, match=r"MSE\(min_ratio=1.5\)"):
+  with pytest.raises(ValueError, match=r"MSE: min_ratio must be a number in \(0, 1\], got 1.5"):
     cal.MSE(min_ratio=1.5)
   with pytest.raises(ValueError, match=r"decay=1.0"):
     cal.ema_update(cal.ema_init(()), 0.0, 1.0, 1.0)

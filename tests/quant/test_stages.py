@@ -41,7 +41,7 @@ def test_fake_quant_matches_numpy_and_gradient_is_straight_through(stage, kw):
 
 def test_static_scales_fixed_or_recalibrated_with_ema():
   fixed = jq.FakeQuant(bits=8, ranges="static", update_every=0)
-  ema = jq.FakeQuant(bits=8, ranges="static", decay=0.5)
+  ema = jq.FakeQuant(bits=8, ranges="static", update_every=1, decay=0.5)
   spec = jc.Spec([jc.Rule(r"Dense_0/kernel", [fixed]), jc.Rule(r"Dense_1/kernel", [ema])])
   t, s = spec.init(params())
   s0 = np.abs(W0).max(0, keepdims=True) * np.float32(1 / 127)
@@ -131,22 +131,12 @@ def test_mixed_precision_per_rule():
   assert "FakeQuant(bits=2" in spec.describe(params())
 
 
-@pytest.mark.parametrize(
-    "stage,msg",
-    [
-        (jq.FakeQuant(bits=9), r"Dense_0/kernel: bits=9 is not supported.*2 to 8"),
-        (jq.LSQ(bits=1), r"Dense_0/kernel: bits=1 is not supported"),
-        (jq.FakeQuant(granularity="per_group"), r"Dense_0/kernel: unknown granularity 'per_group'"),
-        (
-            jq.FakeQuant(granularity=jq.PerGroup(size=5)),
-            r"Dense_0/kernel: PerGroup\(size=5\) does not divide axis -2 of size 16.*\[2, 4, 8, 16\]",
-        ),
-    ],
-    ids=["bits9", "lsq_bits1", "granularity", "group"],
-)
-def test_bad_stage_config_names_leaf_path(stage, msg):
+def test_leaf_dependent_stage_config_names_leaf_path():
+  stage = jq.FakeQuant(granularity=jq.PerGroup(size=5))
   spec = jc.Spec([jc.Rule(r".*kernel", [stage])])
-  with pytest.raises(ValueError, match=msg):
+  with pytest.raises(
+      ValueError, match=r"Dense_0/kernel: PerGroup\(size=5\) does not divide axis -2 of size 16.*\[2, 4, 8, 16\]"
+  ):
     spec.init(params())
 
 
