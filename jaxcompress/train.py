@@ -24,6 +24,13 @@ from jaxcompress.core.spec import Spec
 PyTree = Any
 
 
+class MaskedOptimizer(optax.GradientTransformationExtraArgs):
+  """The optax transformation ``jc.masked_optimizer`` returns (its own type, so
+  the step builders can tell that an optimizer already takes ``masks=``)."""
+
+  __slots__ = ()
+
+
 class TrainState(NamedTuple):
   """Everything a compression-aware step carries.
 
@@ -32,7 +39,9 @@ class TrainState(NamedTuple):
     trainable: what the optimizer updates (``spec.init``'s first output).
     spec_state: the compression state (masks, ranges, assignments).
     opt_state: the optimizer state.
-    key: PRNG key for random stages, or ``None``.
+    key: the raw data (uint32) of the PRNG key for random stages, or ``None``.
+      Raw data, not a typed key, so that the whole state checkpoints with
+      Orbax; ``compression_update`` wraps it back into a key.
   """
 
   step: jax.Array
@@ -42,8 +51,14 @@ class TrainState(NamedTuple):
   key: jax.Array | None
 
 
-def masked_optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def masked_optimizer(inner: optax.GradientTransformation) -> MaskedOptimizer:
   """Wraps an optimizer so that pruned weights and their moments stay exactly zero.
+
+  The step builders (``jc.make_train_step``, ``jc.compression_update``,
+  ``jc.distill.make_distill_step``) wrap the optimizer they are given
+  themselves, so a plain optax optimizer is safe there; call this when you
+  write your own step. Its state is ``inner``'s state, so a ``TrainState``
+  built with either one works with both. Wrapping twice is the same as once.
 
   Its ``update`` takes ``masks=spec.update_masks(trainable, spec_state)`` (the
   train step passes it): the gradients and every optimizer-state leaf that
@@ -58,7 +73,8 @@ def masked_optimizer(inner: optax.GradientTransformation) -> optax.GradientTrans
     inner: any optax optimizer.
 
   Returns:
-    An optax ``GradientTransformationExtraArgs``; chain it like any other.
+    A ``MaskedOptimizer`` (an optax ``GradientTransformationExtraArgs``);
+    chain it like any other.
 
   Example:
     >>> import jax.numpy as jnp, optax, jaxcompress as jc
@@ -69,6 +85,8 @@ def masked_optimizer(inner: optax.GradientTransformation) -> optax.GradientTrans
     >>> [round(x, 4) for x in u["w"].tolist()]
     [-0.1, 0.0, -0.1]
   """
+  if isinstance(inner, MaskedOptimizer):
+    return inner
   inner = optax.with_extra_args_support(inner)
 
   def mask_tree(tree, masks):
@@ -98,7 +116,50 @@ def masked_optimizer(inner: optax.GradientTransformation) -> optax.GradientTrans
     updates, state = inner.update(mask_tree(updates, masks), state, params, **extra)
     return mask_tree(updates, masks), state
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return MaskedOptimizer(init, update)
+
+
+def _key_data(key: jax.Array | None) -> jax.Array | None:
+  """The raw uint32 data of a PRNG key (typed or raw), checkpointable as is."""
+  if key is None:
+    return None
+  key = jnp.asarray(key)
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    impl = jax.random.key_impl(key)
+    default = jax.random.key_impl(jax.random.key(0))
+    if str(impl) != str(default):
+      raise TypeError(
+          f"init_train_state: key has PRNG implementation {impl}, but the train state "
+          f"keeps raw key data of the default implementation ({default}). Pass "
+          "jax.random.key(seed) (the default implementation)."
+      )
+    return jnp.copy(jax.random.key_data(key))  # key_data shares the key's buffer
+  if key.dtype != jnp.uint32:
+    raise TypeError(
+        f"init_train_state: key must be a PRNG key (jax.random.key(seed)), got an array of "
+        f"dtype {key.dtype} and shape {key.shape}."
+    )
+  return key
+
+
+def _as_key(data: jax.Array | None) -> jax.Array | None:
+  if data is None or jax.dtypes.issubdtype(data.dtype, jax.dtypes.prng_key):
+    return data
+  return jax.random.wrap_key_data(data)
+
+
+def _unaliased(tree: PyTree, held: set[int]) -> PyTree:
+  """Copies every array of ``tree`` the caller holds (``id`` in ``held``) or that
+  appears twice, so that donating ``tree`` never deletes a caller's array."""
+  seen: set[int] = set()
+
+  def fresh(x):
+    if isinstance(x, jax.Array) and (id(x) in held or id(x) in seen):
+      x = jnp.copy(x)
+    seen.add(id(x))
+    return x
+
+  return jax.tree_util.tree_map(fresh, tree)
 
 
 def init_train_state(
@@ -110,11 +171,16 @@ def init_train_state(
 ) -> TrainState:
   """Builds the ``TrainState`` for ``make_train_step``.
 
+  The state owns its arrays: where ``spec.init`` hands back the caller's own
+  arrays (a leaf that a stage only masks or fake-quantizes) they are copied,
+  so a step that donates the state never deletes ``params`` or ``key``.
+
   Args:
     spec: the compression spec.
-    optimizer: any optax optimizer (wrap in ``masked_optimizer`` for pruning).
-    params: the model params.
-    key: PRNG key for stages that draw random numbers.
+    optimizer: any optax optimizer (the step builders wrap it in
+      ``jc.masked_optimizer``; the optimizer state is the same either way).
+    params: the model params. Never modified or donated.
+    key: PRNG key for stages that draw random numbers (kept as raw key data).
 
   Returns:
     A ``TrainState`` at step 0.
@@ -126,14 +192,16 @@ def init_train_state(
     >>> int(ts.step)
     0
   """
+  held = {id(x) for x in jax.tree_util.tree_leaves((params, key))}
   trainable, spec_state = spec.init(params, key=key)
-  return TrainState(
+  state = TrainState(
       step=jnp.zeros((), jnp.int32),
       trainable=trainable,
       spec_state=spec_state,
       opt_state=optimizer.init(trainable),
-      key=key,
+      key=_key_data(key),
   )
+  return _unaliased(state, held)
 
 
 def train_state_shardings(
@@ -162,7 +230,7 @@ def train_state_shardings(
     >>> from jax.sharding import NamedSharding, PartitionSpec as P
     >>> mesh = jax.make_mesh((1,), ("model",))
     >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
-    >>> sh = train_state_shardings(spec, optax.adam(1e-3), {"w": jnp.ones((4, 4))},
+    >>> sh = jc.train_state_shardings(spec, optax.adam(1e-3), {"w": jnp.ones((4, 4))},
     ...                            {"w": NamedSharding(mesh, P(None, "model"))})
     >>> tuple(sh.spec_state["w"].stages["prune"].mask.spec)
     (None, 'model')
@@ -199,8 +267,9 @@ def compression_update(
 ) -> tuple[TrainState, dict]:
   """One compression-aware update, the body of every step builder (not jitted).
 
-  ``spec.apply`` runs inside the differentiated function; the optimizer
-  updates the trainables (with ``masks=`` for ``jc.masked_optimizer``); then
+  ``spec.apply`` runs inside the differentiated function; the optimizer,
+  wrapped in ``jc.masked_optimizer``, updates the trainables so that pruned
+  weights and their moments stay exactly zero; then
   ``spec.update`` gets the gradient with respect to the model params. Use it to
   write a custom step: ``jax.jit(lambda ts, b: compression_update(ts, ...))``.
 
@@ -222,7 +291,7 @@ def compression_update(
     >>> ts.trainable["w"].tolist(), float(m["loss"])
     ([0.0, 0.0], 2.0)
   """
-  opt = optax.with_extra_args_support(optimizer)
+  opt = masked_optimizer(optimizer)
   model_params, pullback = jax.vjp(lambda t: spec.apply(t, ts.spec_state), ts.trainable)
   out, g_model = jax.value_and_grad(loss_of_params, has_aux=has_aux)(model_params)
   loss, aux = out if has_aux else (out, None)
@@ -232,7 +301,7 @@ def compression_update(
   trainable = optax.apply_updates(ts.trainable, updates)
   stats = stats_fn(aux) if stats_fn is not None else None
   trainable, spec_state = spec.update(
-      trainable, ts.spec_state, ts.step, grads=g_model, stats=stats, key=ts.key
+      trainable, ts.spec_state, ts.step, grads=g_model, stats=stats, key=_as_key(ts.key)
   )
   new = TrainState(optax.safe_increment(ts.step), trainable, spec_state, opt_state, ts.key)
   return new, {"loss": loss, "aux": aux}
@@ -259,7 +328,10 @@ def make_train_step(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     state_shardings: from ``train_state_shardings``, to pin the state's layout.
     batch_sharding: sharding of the batch (e.g. the data axis of a mesh).
-    donate: donate the input state's buffers.
+    donate: donate the input state's buffers (the default): the state passed
+      in is deleted by the step; use the state it returns. A state from
+      ``init_train_state`` owns its arrays, so the caller's params and key are
+      never donated. Pass ``donate=False`` to keep the old state alive.
     stats_fn: maps ``aux`` to ``spec.update``'s ``stats`` (e.g. activation norms).
 
   Returns:

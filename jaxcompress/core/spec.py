@@ -100,6 +100,12 @@ class Rule:
             f"Rule {pattern!r}: stage {i} is {s!r}, not a jaxcompress stage. Build stages "
             "with the technique modules, e.g. jc.prune.magnitude(sparsity=0.9)."
         )
+      if not isinstance(s.name, str) or not s.name.isidentifier():
+        raise TypeError(
+            f"Rule {pattern!r}: stage {i} ({type(s).__name__}) has no name (got "
+            f"{s.name!r}). A stage class sets a short identifier as its key in the "
+            f"state: `name: ClassVar[str] = \"{type(s).__name__.lower()}\"`."
+        )
       if s.replaces_weight and i != 0:
         raise ValueError(
             f"Rule {pattern!r}: stage {type(s).__name__} replaces the weight (it trains other "
@@ -116,6 +122,46 @@ class Rule:
     """The key of each stage in a leaf's ``Compressed.params`` and ``LeafState``."""
     names = [s.name for s in self.stages]
     return tuple(n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names))
+
+
+def _check_unique_paths(paths: list[str], keypaths: list[Any]) -> None:
+  """Two leaves with one path string (``{"a/b": x, "a": {"b": y}}``) would share
+  rules, statistics and export names: refuse them."""
+  seen: dict[str, Any] = {}
+  for p, kp in zip(paths, keypaths):
+    if p in seen:
+      raise ValueError(
+          f"Two leaves have the same path string {p!r}: {jax.tree_util.keystr(seen[p])} and "
+          f"{jax.tree_util.keystr(kp)}. Rules, statistics and artifacts address leaves by "
+          "this string; rename one key (a key that contains '/' collides with nesting)."
+      )
+    seen[p] = kp
+
+
+def _flatten_like(what: str, fn: str, treedef: Any, tree: PyTree) -> list[Any]:
+  """``treedef.flatten_up_to(tree)`` with an error that names the argument."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{fn}: {what} does not have the structure of `trainable` ({e}). Pass the "
+        f"{what} that belongs to this trainable (from the same spec.init/spec.update "
+        "call, or the model params' gradients for grads)."
+    ) from None
+
+
+def _check_step(step: Any) -> jax.Array:
+  dtype = getattr(step, "dtype", None)
+  if isinstance(step, bool) or (dtype is not None and not jnp.issubdtype(dtype, jnp.integer)) or (
+      dtype is None and not isinstance(step, int)
+  ):
+    raise TypeError(
+        f"spec.update: step must be an integer (a Python int or an int32 scalar), got "
+        f"{step!r}. A float step would be truncated; pass the training step counter."
+    )
+  if jnp.ndim(step) != 0:
+    raise ValueError(f"spec.update: step must be a scalar, got shape {jnp.shape(step)}.")
+  return jnp.asarray(step, jnp.int32)
 
 
 def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
@@ -138,6 +184,24 @@ def _split_value(value: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
     return [value], lambda items: items[0]
   leaves, treedef = jax.tree_util.tree_flatten(value)
   return leaves, treedef.unflatten
+
+
+def _part_grads(value: Any, parts: list[Any], g: Any, replaces: bool) -> list[Any]:
+  """The gradient each part of a stage's value gets, from the model params' ``g``.
+
+  An array value gets ``g`` itself; a stage that replaces the weight gets ``g``
+  (the gradient with respect to what it rebuilds); a structured value (factors)
+  gets, per array, the gradient pulled back through its ``materialize``, so a
+  stage after a factorization (saliency pruning of the factors) sees the
+  gradient of its own input. Unused gradients are removed by XLA under jit.
+  """
+  if g is None:
+    return [None] * len(parts)
+  if replaces or _is_array(value):
+    return [g]
+  _, rebuild = _split_value(value)
+  out, pullback = jax.vjp(lambda ps: _materialize(rebuild(ps)), parts)
+  return list(pullback(g.astype(out.dtype))[0])
 
 
 def _join(parts: list[Any], is_array: bool) -> Any:
@@ -187,17 +251,24 @@ class Spec:
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_str(p) for p, _ in flat]
     leaves = [v for _, v in flat]
+    _check_unique_paths(paths, [p for p, _ in flat])
     owner: list[int | None] = []
     used = [False] * len(self.rules)
     for path, leaf in zip(paths, leaves):
       idx = next((i for i, r in enumerate(self.rules) if r.matches(path)), None)
       if idx is not None:
         dtype = getattr(leaf, "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
           raise TypeError(
               f"Rule {self.rules[idx].pattern!r} selects leaf {path!r} of dtype {dtype}, but "
-              "compression stages take floating-point weights. Narrow the pattern so it "
+              "compression stages take real floating-point weights. Narrow the pattern so it "
               "matches float leaves only."
+          )
+        if 0 in tuple(leaf.shape):
+          raise ValueError(
+              f"Rule {self.rules[idx].pattern!r} selects leaf {path!r} of shape "
+              f"{tuple(leaf.shape)}, which has no elements: there is nothing to compress. "
+              "Narrow the pattern so it skips empty leaves."
           )
         used[idx] = True
       owner.append(idx)
@@ -309,7 +380,7 @@ class Spec:
       The model params.
     """
     t_leaves, treedef = self._flatten(trainable)
-    s_leaves = treedef.flatten_up_to(state)
+    s_leaves = _flatten_like("state", "spec.apply", treedef, state)
     out = []
     for t, s in zip(t_leaves, s_leaves):
       if not isinstance(s, LeafState):
@@ -317,15 +388,7 @@ class Spec:
             "spec.apply got a state that does not come from spec.init (a leaf state is "
             f"{type(s).__name__}). Pass the state returned by spec.init/spec.update."
         )
-      if not s.stages:
-        out.append(t)
-        continue
-      rule = self._rule_for_state(s)
-      params = t.params if isinstance(t, Compressed) else {}
-      value = t.weight if isinstance(t, Compressed) else t
-      for stage, k in zip(rule.stages, rule.keys):
-        value = self._apply_stage(stage, value, params.get(k), s.stages[k])
-      out.append(_materialize(value) if materialize else value)
+      out.append(self._apply_leaf(t, s, materialize))
     return treedef.unflatten(out)
 
   def _rule_for_state(self, s: LeafState) -> Rule:
@@ -363,17 +426,26 @@ class Spec:
       The new ``(trainable, state)``, with the same structure as the inputs.
     """
     t_leaves, treedef = self._flatten(trainable)
-    s_leaves = treedef.flatten_up_to(state)
-    g_leaves = treedef.flatten_up_to(grads) if grads is not None else [None] * len(t_leaves)
+    s_leaves = _flatten_like("state", "spec.update", treedef, state)
+    g_leaves = (
+        _flatten_like("grads", "spec.update", treedef, grads) if grads is not None else [None] * len(t_leaves)
+    )
     flat_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable, is_leaf=_is_node)[0]]
-    step = jnp.asarray(step, jnp.int32)
+    step = _check_step(step)
     stats = dict(stats or {})
     # Group leaves by rule (the same grouping as init).
     groups: dict[int, list[int]] = {}
     for j, s in enumerate(s_leaves):
+      if not isinstance(s, LeafState):
+        raise TypeError(
+            "spec.update got a state that does not come from spec.init (a leaf state is "
+            f"{type(s).__name__}). Pass the state returned by spec.init/spec.update."
+        )
       if s.stages:
         self._rule_for_state(s)
         groups.setdefault(s.rule, []).append(j)
+        if g_leaves[j] is not None:
+          self._check_grad(flat_paths[j], t_leaves[j], s, g_leaves[j])
     t_out, s_out = list(t_leaves), list(s_leaves)
     for ri, idxs in groups.items():
       rule = self.rules[ri]
@@ -396,8 +468,7 @@ class Spec:
           lkey = _stage_key(_leaf_key(key, path), si)
           if lkey is not None:
             lkey = jax.random.fold_in(lkey, step)
-          for q, part in enumerate(parts):
-            gq = g if (g is not None and part is not None and getattr(part, "shape", None) == g.shape) else None
+          for q, gq in enumerate(_part_grads(v, parts, g, stage.replaces_weight)):
             ctxs.append(UpdateContext(path, step, gq, stat, _stage_key(lkey, q)))
           items += parts
           iparams += _parts(params[n].get(k), len(parts), is_arr)
@@ -431,6 +502,26 @@ class Spec:
         s_out[j] = LeafState(states[n], ri)
     return treedef.unflatten(t_out), treedef.unflatten(s_out)
 
+  def _apply_leaf(self, t: Any, s: LeafState, materialize: bool = True) -> Any:
+    """One leaf of ``apply``: its rule's stages over its trainable node."""
+    if not s.stages:
+      return t
+    rule = self._rule_for_state(s)
+    params = t.params if isinstance(t, Compressed) else {}
+    value = t.weight if isinstance(t, Compressed) else t
+    for stage, k in zip(rule.stages, rule.keys):
+      value = self._apply_stage(stage, value, params.get(k), s.stages[k])
+    return _materialize(value) if materialize else value
+
+  def _check_grad(self, path: str, t: Any, s: LeafState, g: Any) -> None:
+    want = jax.eval_shape(self._apply_leaf, t, s)
+    if getattr(g, "shape", None) != want.shape:
+      raise ValueError(
+          f"spec.update: grads[{path!r}] has shape {getattr(g, 'shape', None)}, but the model "
+          f"param has shape {want.shape}. Pass the gradient of the loss with respect to "
+          "spec.apply's output (the model params), not with respect to the trainables."
+      )
+
   # ----- helpers -----------------------------------------------------------
   def update_masks(self, trainable: PyTree, state: PyTree) -> PyTree:
     """Boolean keep-masks for the trainable weights, ``None`` where nothing is masked.
@@ -439,7 +530,7 @@ class Spec:
     pruned weights and their optimizer moments at exactly zero.
     """
     t_leaves, treedef = self._flatten(trainable)
-    s_leaves = treedef.flatten_up_to(state)
+    s_leaves = _flatten_like("state", "spec.update_masks", treedef, state)
     out = []
     for t, s in zip(t_leaves, s_leaves):
       mask = None

@@ -76,8 +76,9 @@ class Stage:
   """
 
   replaces_weight: ClassVar[bool] = False
-  #: Short name, used as the key of this stage's params/state in a leaf.
-  name: ClassVar[str] = "stage"
+  #: Short name, used as the key of this stage's params/state in a leaf. Every
+  #: concrete stage sets it (``jc.Rule`` refuses a stage without one).
+  name: ClassVar[str] = ""
 
   # --- per leaf -----------------------------------------------------------
   def init(self, value: Array, *, path: str, key: Array | None) -> tuple[PyTree, PyTree]:
