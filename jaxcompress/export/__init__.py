@@ -1,0 +1,57 @@
+"""Export: a compressed model as real low-bit arrays, in a file, and back.
+
+``export(spec, trainable, state)`` turns the simulated compression of training
+into stored arrays (packed int8/int4/int2/int3 codes and float8 with their
+scales, N:M positions, bit masks or CSR indices of pruned weights, codebooks
+with packed or Huffman-coded indices, low-rank factors), with a manifest.
+``save``/``load`` write and read one safetensors file (or an Orbax
+directory), checked on load; ``decode`` gives back exactly
+``spec.apply(trainable, state)``.
+
+    artifact = jc.export.export(spec, trainable, state, huffman=True)
+    print(artifact)                                  # the size table
+    jc.export.save(artifact, "model.safetensors")
+    params = jc.export.decode(jc.export.load("model.safetensors", like=params))
+"""
+
+from __future__ import annotations
+
+from jaxcompress.export.artifact import (
+    FORMAT_VERSION,
+    Artifact,
+    EncodedLeaf,
+    LeafRecord,
+    check,
+    decode,
+    export,
+)
+from jaxcompress.export.encodings import (
+    Clustered,
+    EncodeContext,
+    Encoding,
+    Factorized,
+    Plain,
+    Quantized,
+    register_encoder,
+)
+from jaxcompress.export.files import SavedFile, load, save
+
+__all__ = [
+    "Artifact",
+    "Clustered",
+    "EncodeContext",
+    "EncodedLeaf",
+    "Encoding",
+    "FORMAT_VERSION",
+    "Factorized",
+    "LeafRecord",
+    "Plain",
+    "Quantized",
+    "SavedFile",
+    "check",
+    "decode",
+    "export",
+    "load",
+    "register_encoder",
+    "save",
+]
