@@ -1,7 +1,8 @@
 """jaxcompress: model compression for JAX."""
 
-from jaxcompress import cluster, distill, lowrank, prune, quant
+from jaxcompress import cluster, distill, export, lowrank, prune, quant
 from jaxcompress.core import schedules
+from jaxcompress.core.chain import Chain
 from jaxcompress.core.spec import Compressed, LeafState, Rule, Spec
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.train import (
@@ -14,6 +15,7 @@ from jaxcompress.train import (
 )
 
 __all__ = [
+    "Chain",
     "Compressed",
     "LeafState",
     "Rule",
@@ -24,6 +26,7 @@ __all__ = [
     "cluster",
     "compression_update",
     "distill",
+    "export",
     "init_train_state",
     "lowrank",
     "make_train_step",
