@@ -25,7 +25,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxcompress.core.checks import is_concrete
 from jaxcompress.core.stage import UpdateContext
 
 
@@ -62,6 +64,19 @@ class Criterion:
   def init_score(self, w: jax.Array, state: Any, ctx: UpdateContext) -> jax.Array:
     """Scores for the mask made by ``spec.init`` (no gradients or stats there)."""
     return self.score(w, state, ctx)
+
+  def check(self, w: jax.Array, ctx: UpdateContext) -> jax.Array | None:
+    """Checks the inputs of one ``spec.update`` (gradients, statistics).
+
+    ``Prune`` calls it before its update with the inputs as given: concrete
+    invalid inputs raise a ``ValueError`` naming the leaf. Inside its compiled
+    update it calls it again; the inputs are then traced and it returns a
+    bool scalar (True: invalid), and a mask recompute with invalid inputs
+    makes the leaf's weights NaN (a host check there would cost every train
+    step a sync). ``None``: nothing to check (the default).
+    """
+    del w, ctx
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +181,8 @@ class Movement(Criterion):
   uses ``|w|``. Pruned weights are zeroed in the trainable and stop moving;
   give ``straight_through=True`` to keep them training (and their scores
   changing), as in the paper. Every ``spec.update`` call needs ``grads``.
+  Entries whose ``w * g`` is not finite (a NaN or inf gradient, as on a step
+  that ``optax.apply_if_finite`` skips) add nothing to ``S`` on that call.
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
@@ -183,7 +200,10 @@ class Movement(Criterion):
 
   def accumulate(self, w, state, ctx):
     g = _need_grad("Movement", ctx, w)
-    return state - _f32(w) * g
+    step = _f32(w) * g
+    # A non-finite product (a NaN or inf gradient, as on a step that
+    # optax.apply_if_finite skips) adds nothing: it would stay in S forever.
+    return state - jnp.where(jnp.isfinite(step), step, jnp.zeros_like(step))
 
   def score(self, w, state, ctx):
     del w, ctx
@@ -207,6 +227,12 @@ class Wanda(Criterion):
   statistics, so the initial mask uses ``|w|``. The paper compares weights
   within each output; give ``distribution=jc.prune.PerOutput()`` for that
   (the default ``Uniform()`` ranks them across the whole layer).
+
+  Norms must be non-negative and not NaN: given as concrete arrays to
+  ``spec.update`` they are checked at once (``ValueError`` naming the leaf);
+  traced (``spec.update`` under ``jax.jit``) a recompute with such a norm
+  makes the leaf's weights NaN, so the next loss is NaN instead of the mask
+  silently wrong.
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
@@ -242,6 +268,25 @@ class Wanda(Criterion):
       )
     norms = _f32(stat).reshape((shape[axis], 1))
     return jnp.abs(_f32(w)) * norms
+
+  def check(self, w, ctx):
+    if ctx.stat is None or jnp.ndim(ctx.stat) != 1:
+      return None  # score() names what is missing or misshapen
+    stat = jnp.asarray(ctx.stat)
+    if not jnp.issubdtype(stat.dtype, jnp.floating):
+      stat = stat.astype(jnp.float32)
+    bad = ~(stat >= 0)  # negative or NaN
+    if not is_concrete(stat):
+      return jnp.any(bad)
+    where = np.flatnonzero(np.asarray(bad))
+    if where.size:
+      raise ValueError(
+          f"Wanda criterion at {ctx.path!r}: the activation-norm statistic has "
+          f"{where.size} negative or NaN entries (input features {where[:8].tolist()}, values "
+          f"{np.asarray(stat)[where[:8]].tolist()}); norms are non-negative. Pass "
+          "jnp.linalg.norm(x.reshape(-1, in_features), axis=0) of finite activations x."
+      )
+    return None
 
   def init_score(self, w, state, ctx):
     del state, ctx

@@ -5,7 +5,9 @@ channel after the structure's ``reduce``), the target sparsity (a traced
 float32 scalar) and the leaves' weight shapes, and returns one bool keep-mask
 per score array. Counts are exact: a leaf keeps ``round((1 - s) * units)``
 units, chosen with ``jaxcompress.core.select.topk_masks`` (no sort; NaN scores
-are dropped first, ties go to the lower index).
+are dropped first, ties go to the lower index), and never fewer than
+``min_kept`` (``Prune(min_kept=...)``, default 1; all units of a leaf with
+fewer), so that rounding or a global threshold cannot empty a layer.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ def _one(mask: jax.Array | None) -> list[jax.Array] | None:
   return None if mask is None else [mask]
 
 
-def _n_keep(size: int, density: jax.Array) -> jax.Array:
-  return jnp.round(density * size).astype(jnp.int32)
+def _n_keep(size: int, density: jax.Array, min_kept: int = 0) -> jax.Array:
+  """``round(density * size)``, at least ``min(min_kept, size)``."""
+  return jnp.maximum(jnp.round(density * size).astype(jnp.int32), min(min_kept, size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Distribution:
       *,
       shapes: Sequence[tuple[int, ...]],
       previous: Sequence[jax.Array] | None = None,
+      min_kept: int = 0,
   ) -> list[jax.Array]:
     """One bool keep-mask per score array.
 
@@ -55,6 +59,7 @@ class Distribution:
       shapes: the weight shape of each leaf (what ERK reads).
       previous: the unit masks of the last update, or None: a guess that
         ``topk_masks`` checks in one pass and returns when it is still exact.
+      min_kept: the fewest units each leaf keeps (all of a smaller leaf).
 
     Returns:
       Bool masks of the shapes of ``scores``.
@@ -78,11 +83,11 @@ class Uniform(Distribution):
     [[False, True], [False, True]]
   """
 
-  def masks(self, scores, sparsity, *, shapes=(), previous=None):
+  def masks(self, scores, sparsity, *, shapes=(), previous=None, min_kept=0):
     del shapes
     prev = previous if previous is not None else [None] * len(scores)
     return [
-        topk_masks([s], _n_keep(s.size, 1.0 - sparsity), previous=_one(p))[0]
+        topk_masks([s], _n_keep(s.size, 1.0 - sparsity, min_kept), previous=_one(p))[0]
         for s, p in zip(scores, prev)
     ]
 
@@ -92,20 +97,37 @@ class Global(Distribution):
   """One threshold across all leaves: the total sparsity meets the target.
 
   With a block or channel structure the units of every leaf compete, and the
-  target counts units, not weights.
+  target counts units, not weights. A leaf the threshold leaves with fewer
+  than ``min_kept`` units (``Prune(min_kept=...)``) keeps its ``min_kept``
+  best instead, so the total can keep a few more units than the target.
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
-    >>> spec = jc.Spec([jc.Rule("a|b", [jc.prune.magnitude(sparsity=0.5, distribution=jc.prune.Global())])])
-    >>> t, s = spec.init({"a": jnp.array([1.0, 3.0]), "b": jnp.array([5.0, 6.0])})
-    >>> [s[k].stages["prune"].mask.tolist() for k in "ab"]
+    >>> params = {"a": jnp.array([1.0, 3.0]), "b": jnp.array([5.0, 6.0])}
+    >>> for min_kept in (0, 1):  # 1, the default: the threshold alone would empty a
+    ...   stage = jc.prune.magnitude(sparsity=0.5, distribution=jc.prune.Global(), min_kept=min_kept)
+    ...   t, s = jc.Spec([jc.Rule("a|b", [stage])]).init(params)
+    ...   print([s[k].stages["prune"].mask.tolist() for k in "ab"])
     [[False, False], [True, True]]
+    [[False, True], [True, True]]
   """
 
-  def masks(self, scores, sparsity, *, shapes=(), previous=None):
+  def masks(self, scores, sparsity, *, shapes=(), previous=None, min_kept=0):
     del shapes
     k = _n_keep(sum(s.size for s in scores), 1.0 - sparsity)
-    return topk_masks(list(scores), k, previous=previous)
+    out = topk_masks(list(scores), k, previous=previous)
+    if min_kept <= 0:
+      return out
+
+    def at_least(s, m):  # a leaf the threshold left short keeps its best min_kept
+      need = min(min_kept, s.size)
+      return jax.lax.cond(
+          jnp.sum(m, dtype=jnp.int32) < need,
+          lambda: topk_masks([s], jnp.int32(need))[0],
+          lambda: m,
+      )
+
+    return [at_least(s, m) for s, m in zip(scores, out)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,11 +197,11 @@ class ERK(Distribution):
       out.append(jnp.where(pick > rank, 1.0, jnp.clip(e * r, 0.0, 1.0)))
     return jnp.stack(out).astype(jnp.float32)
 
-  def masks(self, scores, sparsity, *, shapes, previous=None):
+  def masks(self, scores, sparsity, *, shapes, previous=None, min_kept=0):
     d = self.densities(shapes, sparsity)
     prev = previous if previous is not None else [None] * len(scores)
     return [
-        topk_masks([s], _n_keep(s.size, d[i]), previous=_one(prev[i]))[0]
+        topk_masks([s], _n_keep(s.size, d[i], min_kept), previous=_one(prev[i]))[0]
         for i, s in enumerate(scores)
     ]
 
@@ -190,8 +212,9 @@ class PerOutput(Distribution):
 
   Weights compete only with the weights of their own output channel, the
   slices along ``axis``: each keeps ``round((1 - sparsity) * fan)`` of its
-  ``fan`` weights (``fan`` the number of weights per output channel), the
-  highest scores of that channel, so no output is pruned more than another.
+  ``fan`` weights (``fan`` the number of weights per output channel), but at
+  least ``min(min_kept, fan)`` (``Prune(min_kept=...)``), the highest scores
+  of that channel, so no output is pruned more than another.
   With ``Wanda()`` this is the paper's rule (Sun et al. 2024). Selection is
   exact and sort-free (``jaxcompress.core.rowselect.topk_rows``); NaN scores
   are dropped first and ties go to the lower index within the channel.
@@ -237,7 +260,7 @@ class PerOutput(Distribution):
       )
     return self.axis % ndim
 
-  def masks(self, scores, sparsity, *, shapes=(), previous=None):
+  def masks(self, scores, sparsity, *, shapes=(), previous=None, min_kept=0):
     del shapes
     prev = previous if previous is not None else [None] * len(scores)
     out = []
@@ -247,7 +270,7 @@ class PerOutput(Distribution):
       rows = jnp.moveaxis(s, axis, -1).reshape(-1, shape[axis]).T  # (channels, fan)
       fan = rows.shape[1]
       guess = None if p is None else jnp.moveaxis(p, axis, -1).reshape(-1, shape[axis]).T
-      keep = topk_rows(rows, _n_keep(fan, 1.0 - sparsity), previous=guess)
+      keep = topk_rows(rows, _n_keep(fan, 1.0 - sparsity, min_kept), previous=guess)
       moved = tuple(d for i, d in enumerate(shape) if i != axis) + (shape[axis],)
       out.append(jnp.moveaxis(keep.T.reshape(moved), -1, axis))
     return out

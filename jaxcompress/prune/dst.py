@@ -26,6 +26,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.checks import is_number
 from jaxcompress.core.select import topk_masks
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.prune import criteria as _criteria
@@ -34,7 +35,6 @@ from jaxcompress.prune.stage import (
     Prune,
     PruneState,
     _check_part,
-    _is_number,
     compiled_update_group,
 )
 
@@ -89,13 +89,13 @@ class DynamicSparse(Stage):
   def __post_init__(self):
     kind = type(self).__name__
     s = self.sparsity
-    if not _is_number(s) or not 0.0 <= s < 1.0:
+    if not is_number(s) or not 0.0 <= float(s) < 1.0:
       raise ValueError(
           f"{kind}: sparsity must be a number in [0, 1), got {s!r}; dynamic sparse training "
           "keeps a fixed sparsity (a schedule is not supported)."
       )
     a = self.drop_fraction
-    if not _is_number(a) or not 0.0 < a <= 1.0:
+    if not is_number(a) or not 0.0 < float(a) <= 1.0:
       raise ValueError(f"{kind}: drop_fraction must be in (0, 1], got {a!r} (RigL uses 0.3).")
     for k, low, what in [("begin_step", 0, "non-negative"), ("end_step", 0, "non-negative"),
                          ("update_every", 1, "positive")]:

@@ -21,7 +21,8 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.schedules import ScalarOrSchedule, as_schedule
+from jaxcompress.core.checks import check_int, is_number
+from jaxcompress.core.schedules import ScalarOrSchedule, as_schedule, check_schedule
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.prune import criteria as _criteria
 from jaxcompress.prune import distributions as _dist
@@ -57,14 +58,24 @@ def _check_part(name: str, value: Any, base: type, examples: str) -> None:
 
 
 def _check_steps(begin_step: Any, end_step: Any, update_every: Any) -> None:
-  if isinstance(begin_step, bool) or not isinstance(begin_step, int) or begin_step < 0:
-    raise ValueError(f"begin_step must be a non-negative int, got {begin_step!r}.")
-  if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int)):
-    raise ValueError(f"end_step must be an int or None, got {end_step!r}.")
-  if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-    raise ValueError(f"update_every must be a positive int, got {update_every!r}.")
+  check_int("Prune", "begin_step", begin_step, low=0)
+  if end_step is not None:
+    check_int("Prune", "end_step (or None: no end)", end_step)
+  check_int("Prune", "update_every", update_every, low=1)
   if end_step is not None and end_step < begin_step:
-    raise ValueError(f"end_step ({end_step}) is before begin_step ({begin_step}).")
+    raise ValueError(f"Prune: end_step ({end_step}) is before begin_step ({begin_step}).")
+
+
+@jax.custom_jvp
+def _straight_through(value: jax.Array, mask: jax.Array) -> jax.Array:
+  """Forward ``where(mask, value, 0)``; derivative: the identity to ``value``."""
+  return jnp.where(mask, value, jnp.zeros_like(value))
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+  value, mask = primals
+  return _straight_through(value, mask), tangents[0]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,6 +110,20 @@ class Prune(Stage):
     update_every: recompute every this many steps.
     straight_through: if True the dense weight keeps training (gradients pass
       through the mask to every weight) and pruned weights are not zeroed.
+    min_kept: the fewest units a leaf keeps (weights; blocks or channels with
+      a ``Block``/``Channel`` structure), default 1, so that rounding the kept
+      count or a ``Global`` threshold never empties a layer. ``Uniform`` and
+      ``ERK``: each leaf keeps at least ``min_kept`` units; ``Global``: the
+      threshold is applied first, then a leaf left with fewer than
+      ``min_kept`` units keeps its ``min_kept`` best (so the total sparsity can
+      fall slightly below the target); ``PerOutput``: each output channel
+      keeps at least ``min_kept`` weights. A leaf (or channel) with fewer
+      units keeps them all. ``NM`` keeps ``n`` in every group and ignores it;
+      ``min_kept=0`` turns it off.
+
+  Sparsity schedules are checked when the stage is built: every value must
+  lie in ``[0, 1)`` (``jc.schedules.check_schedule``: the library's schedules
+  exactly, a user function at ``begin_step``, ``end_step`` and steps between).
 
   The model always sees exact zeros where the mask is False. Otherwise the
   trainable weight is zeroed where a recompute prunes it (at init it keeps its
@@ -127,12 +152,14 @@ class Prune(Stage):
   end_step: int | None = None
   update_every: int = 1
   straight_through: bool = False
+  min_kept: int = 1
 
   def __post_init__(self):
     _check_part("criterion", self.criterion, _criteria.Criterion, "jc.prune.Magnitude()")
     _check_part("structure", self.structure, _struct.Structure, "jc.prune.NM(2, 4)")
     _check_part("distribution", self.distribution, _dist.Distribution, "jc.prune.Global()")
     _check_steps(self.begin_step, self.end_step, self.update_every)
+    object.__setattr__(self, "min_kept", check_int("Prune", "min_kept", self.min_kept, low=0))
     if isinstance(self.distribution, _dist.PerOutput) and not isinstance(
         self.structure, _struct.Unstructured
     ):
@@ -150,7 +177,7 @@ class Prune(Stage):
             f"every group are kept), so it cannot take the distribution "
             f"{self.distribution!r}; leave distribution as the default Uniform()."
         )
-      if s is not None and (callable(s) or not _is_number(s) or abs(s - (1.0 - fixed)) > 1e-9):
+      if s is not None and (callable(s) or not is_number(s) or abs(float(s) - (1.0 - fixed)) > 1e-9):
         raise ValueError(
             f"Prune: sparsity={s!r} does not match {self.structure!r}, whose sparsity is "
             f"fixed at {1.0 - fixed:g}; leave sparsity=None."
@@ -161,11 +188,24 @@ class Prune(Stage):
           "Prune: sparsity is required (a number in [0, 1) or a schedule), e.g. "
           "Prune(sparsity=0.9) removes nine weights in ten. Only NM(n, m) fixes its own."
       )
-    if not callable(s) and (not _is_number(s) or not 0.0 <= s < 1.0):
-      raise ValueError(
-          f"sparsity must be a number in [0, 1) or a schedule, got {s!r}. Sparsity is the "
-          "fraction of weights removed: 0.9 keeps one weight in ten."
+    if callable(s):
+      check_schedule(
+          "Prune", "sparsity", s, low=0.0, high=1.0, high_open=True,
+          begin_step=self.begin_step, end_step=self.end_step,
       )
+      return
+    if not is_number(s):
+      raise TypeError(
+          f"Prune: sparsity must be a number in [0, 1) or a schedule (a function of the step), "
+          f"got {s!r} of type {type(s).__name__}. Sparsity is the fraction of weights removed: "
+          "0.9 keeps one weight in ten."
+      )
+    if not 0.0 <= float(s) < 1.0:  # also NaN
+      raise ValueError(
+          f"Prune: sparsity must be a number in [0, 1) or a schedule, got {s!r}. Sparsity is "
+          "the fraction of weights removed: 0.9 keeps one weight in ten, 1.0 would remove all."
+      )
+    object.__setattr__(self, "sparsity", float(s))  # a numpy or 0-d jax scalar, kept hashable
 
   # -- masks -----------------------------------------------------------------
   def _masks(self, values, scores, paths, step, previous=None) -> list[jax.Array]:
@@ -178,7 +218,8 @@ class Prune(Stage):
       if any(m is None for m in previous):
         previous = None
     keep = self.distribution.masks(
-        units, sparsity, shapes=[tuple(v.shape) for v in values], previous=previous
+        units, sparsity, shapes=[tuple(v.shape) for v in values], previous=previous,
+        min_kept=self.min_kept,
     )
     return [self.structure.expand(k, tuple(v.shape)) for k, v in zip(keep, values)]
 
@@ -197,16 +238,18 @@ class Prune(Stage):
     return [(None, PruneState(m, s)) for m, s in zip(masks, states)]
 
   def apply(self, value, params, state):
-    masked = jnp.where(state.mask, value, jnp.zeros_like(value))
     if self.straight_through:
-      # Forward: the masked weight; backward: identity to the dense weight.
-      return value + jax.lax.stop_gradient(masked - value)
-    return masked
+      # Forward: the masked weight (a select: a pruned NaN or inf gives 0);
+      # backward: the identity to the dense weight.
+      return _straight_through(value, state.mask)
+    return jnp.where(state.mask, value, jnp.zeros_like(value))
 
   def update_mask(self, state):
     return None if self.straight_through else state.mask
 
   def update_group(self, values, params, states, ctxs):
+    for v, c in zip(values, ctxs):  # concrete inputs: checked here, at once
+      self.criterion.check(v, c)
     return compiled_update_group(self, values, states, ctxs)
 
   def _update_impl(self, values, states, ctxs):
@@ -222,10 +265,17 @@ class Prune(Stage):
       scores = [self.criterion.score(v, a, c) for v, a, c in zip(values, accum, ctxs)]
       masks = self._masks(values, scores, paths, step, [s.mask for s in states])
       if self.straight_through:
-        return masks, list(values)
-      # Newly pruned weights are zeroed once, here; between recomputes the
-      # masked optimizer keeps them at zero (and apply masks them regardless).
-      return masks, [jnp.where(m, v, jnp.zeros_like(v)) for m, v in zip(masks, values)]
+        out = list(values)
+      else:
+        # Newly pruned weights are zeroed once, here; between recomputes the
+        # masked optimizer keeps them at zero (and apply masks them regardless).
+        out = [jnp.where(m, v, jnp.zeros_like(v)) for m, v in zip(masks, values)]
+      # Traced invalid inputs (e.g. a negative Wanda statistic) cannot raise
+      # here without a host sync: the leaf's weights become NaN, so the next
+      # loss shows it instead of a silently wrong mask.
+      bad = [self.criterion.check(v, c) for v, c in zip(values, ctxs)]
+      out = [o if b is None else jnp.where(b, jnp.full_like(o, jnp.nan), o) for o, b in zip(out, bad)]
+      return masks, out
 
     def keep(_):
       return [s.mask for s in states], list(values)
@@ -263,7 +313,3 @@ def compiled_update_group(stage: Stage, values, states, ctxs) -> list:
   paths = tuple(c.path for c in ctxs)
   rest = [(c.step, c.grad, c.stat, c.key) for c in ctxs]
   return _update_jit(stage, list(values), list(states), paths, rest)
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)

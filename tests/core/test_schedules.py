@@ -46,8 +46,10 @@ def test_schedules_trace_once():
     "build, match",
     [
         (lambda: schedules.polynomial(0, 1, begin_step=5, end_step=5), "greater than begin_step"),
-        (lambda: schedules.polynomial(0, 1, end_step=10, power=0), "power must be positive"),
-        (lambda: schedules.linear(0, 1, begin_step=-1, end_step=3), "non-negative int"),
+        (lambda: schedules.polynomial(0, 1, end_step=10, power=0), r"polynomial: power must be a number in \(0, inf\), got 0.0"),
+        (lambda: schedules.linear(0, 1, begin_step=-1, end_step=3), r"begin_step must be an integer in \[0, inf\], got -1"),
+        (lambda: schedules.cosine(float("nan"), 1, end_step=3), r"cosine: init_value must be a number .*got nan"),
+        (lambda: schedules.piecewise([3], [0.5, float("nan")]), r"piecewise: values\[1\] must be a number"),
         (lambda: schedules.piecewise([3, 2], [0, 1, 2]), "strictly increase"),
         (lambda: schedules.piecewise([3], [0]), "len\\(boundaries\\) \\+ 1"),
         (lambda: schedules.as_schedule("0.5", name="sparsity"), "sparsity must be a number"),
@@ -56,3 +58,32 @@ def test_schedules_trace_once():
 def test_validation(build, match):
   with pytest.raises((ValueError, TypeError), match=match):
     build()
+
+
+def test_library_schedules_know_their_range():
+  assert schedules.constant(0.25).value_range == (0.25, 0.25)
+  assert schedules.polynomial(0.9, 0.1, end_step=10).value_range == (0.1, 0.9)
+  assert schedules.cosine(0.0, 0.8, end_step=10).value_range == (0.0, 0.8)
+  assert schedules.piecewise([3, 6], [0.5, 0.2, 0.7]).value_range == (0.2, 0.7)
+
+
+@pytest.mark.parametrize(
+    "schedule, match",
+    [
+        (schedules.linear(0.0, 1.0, end_step=10), r"sparsity must stay in \[0, 1\), but its schedule ranges over \[0, 1\]"),
+        (schedules.piecewise([5], [0.5, -0.1]), r"ranges over \[-0.1, 0.5\]"),
+        (lambda step: jnp.asarray(step, jnp.float32) / 8.0, r"gives 1.0 at step 8\. Make the schedule stay in \[0, 1\)"),
+        (lambda step: jnp.where(step >= 3, jnp.nan, 0.5), r"gives nan at step 3\."),
+        (lambda step: jnp.zeros(2), r"giving a scalar for each step, got values of shape \(2,\)"),
+    ],
+)
+def test_check_schedule_refuses_values_out_of_range(schedule, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    schedules.check_schedule("Prune", "sparsity", schedule, low=0.0, high=1.0, high_open=True, end_step=16)
+
+
+def test_check_schedule_without_end_samples_far_steps():
+  late = lambda step: jnp.where(step >= 100_000, 1.0, 0.5)
+  schedules.check_schedule("Prune", "sparsity", late, low=0.0, high=1.0, high_open=True, end_step=50)
+  with pytest.raises(ValueError, match=r"gives 1.0 at step 131072"):
+    schedules.check_schedule("Prune", "sparsity", late, low=0.0, high=1.0, high_open=True)

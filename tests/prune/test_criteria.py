@@ -141,3 +141,41 @@ def test_wanda_errors_name_path_and_expected_shape():
   t, s = spec_b.init({"b": jnp.ones(4)})
   with pytest.raises(ValueError, match=r"Wanda criterion at 'b'.*ndim >= 2"):
     spec_b.update(t, s, 0, stats={"b": jnp.ones(4)})
+
+
+def test_movement_skips_non_finite_gradient_entries():
+  w0, g0, g1, g2 = rand((4, 5), 20), rand((4, 5), 21), rand((4, 5), 22), rand((4, 5), 23)
+  g1[0, :3] = [np.nan, np.inf, -np.inf]  # one step's bad entries (an apply_if_finite skip)
+  g2[:] = np.nan  # a whole skipped step
+  ev = one_rule(jc.prune.Prune(sparsity=0.5, criterion=jc.prune.Movement(), straight_through=True))
+  t, s = ev.init({"w": jnp.asarray(w0)})
+  expected = np.zeros((4, 5))
+  for step, g in enumerate((g0, g1, g2)):
+    t, s = ev.update(t, s, step, grads={"w": jnp.asarray(g)})
+    contrib = w0.astype(np.float64) * g
+    expected -= np.where(np.isfinite(contrib), contrib, 0.0)
+  score = np.asarray(s["w"].stages["prune"].score)
+  assert np.isfinite(score).all()
+  np.testing.assert_allclose(score, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(s["w"].stages["prune"].mask), keep_topk(expected, 10))
+
+
+@pytest.mark.parametrize("bad, shown", [(-1.0, r"-1.0"), (np.nan, r"nan")])
+def test_wanda_refuses_negative_or_nan_norms_naming_the_leaf(bad, shown):
+  spec = jc.Spec([jc.Rule(".*kernel", [jc.prune.Prune(sparsity=0.5, criterion=jc.prune.Wanda())])])
+  t, s = spec.init({"dense": {"kernel": jnp.asarray(rand((3, 2), 30))}})
+  stats = {"dense": jnp.array([1.0, bad, 2.0])}
+  with pytest.raises(ValueError, match=rf"Wanda criterion at 'dense/kernel': the activation-norm statistic has 1 negative or NaN entries \(input features \[1\], values \[{shown}\]\).*jnp.linalg.norm"):
+    spec.update(t, s, 0, stats=stats)
+
+
+def test_wanda_traced_bad_norms_make_the_leaf_visibly_nan():
+  ev = one_rule(jc.prune.Prune(sparsity=0.5, criterion=jc.prune.Wanda()), ".*kernel")
+  p = {"dense": {"kernel": jnp.asarray(rand((3, 2), 31))}, "other": {"kernel": jnp.asarray(rand((2, 2), 32))}}
+  t, s = ev.init(p)
+  good = {"other": jnp.array([1.0, 2.0])}
+  t1, s1 = ev.update(t, s, 0, stats={**good, "dense": jnp.array([1.0, -1.0, 2.0])})
+  assert np.isnan(np.asarray(ev.spec.apply(t1, s1)["dense"]["kernel"])).any()
+  assert np.isfinite(np.asarray(t1["other"]["kernel"])).all()  # only the leaf with the bad statistic
+  t2, _ = ev.update(t, s, 0, stats={**good, "dense": jnp.array([1.0, 0.0, 2.0])})
+  assert np.isfinite(np.asarray(t2["dense"]["kernel"])).all()

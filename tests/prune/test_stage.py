@@ -157,7 +157,7 @@ def test_prune_argument_errors():
     jc.prune.Prune(sparsity=0.5, structure=jc.prune.Channel)
   with pytest.raises(TypeError, match=r"distribution must be a Distribution instance.*got 'global'"):
     jc.prune.Prune(sparsity=0.5, distribution="global")
-  with pytest.raises(ValueError, match=r"update_every must be a positive int, got 0"):
+  with pytest.raises(ValueError, match=r"Prune: update_every must be an integer in \[1, inf\], got 0"):
     jc.prune.magnitude(sparsity=0.5, update_every=0)
   with pytest.raises(ValueError, match=r"end_step \(2\) is before begin_step \(5\)"):
     jc.prune.magnitude(sparsity=0.5, begin_step=5, end_step=2)
@@ -167,3 +167,46 @@ def test_describe_shows_the_composed_parts():
   spec = jc.Spec([jc.Rule("w", [jc.prune.Prune(sparsity=0.5, structure=jc.prune.Block((2, 2)), distribution=jc.prune.ERK())])])
   text = spec.describe({"w": jnp.ones((4, 4))})
   assert "Prune(sparsity=0.5, structure=Block(shape=(2, 2)), distribution=ERK(power=1.0))" in text
+
+
+@pytest.mark.parametrize(
+    "sparsity, match",
+    [
+        (jc.schedules.linear(0.0, 1.0, end_step=10), r"Prune: sparsity must stay in \[0, 1\), but its schedule ranges over \[0, 1\]"),
+        (jc.schedules.polynomial(0.0, 1.5, end_step=10), r"ranges over \[0, 1.5\]"),
+        (jc.schedules.piecewise([4], [0.5, -0.5]), r"ranges over \[-0.5, 0.5\]"),
+        (lambda step: jnp.where(step >= 6, jnp.nan, 0.5), r"the schedule gives nan at step 6\. Make the schedule stay in \[0, 1\)"),
+        (lambda step: 0.1 * jnp.asarray(step, jnp.float32), r"the schedule gives 1.0\d* at step 10\."),
+        (-0.25, r"Prune: sparsity must be a number in \[0, 1\) or a schedule, got -0.25"),
+        (float("nan"), r"sparsity must be a number in \[0, 1\) or a schedule, got nan"),
+    ],
+)
+def test_sparsity_out_of_range_is_refused_at_build(sparsity, match):
+  with pytest.raises(ValueError, match=match):
+    jc.prune.Prune(sparsity=sparsity, end_step=20)
+
+
+def test_sparsity_accepts_numpy_scalars_and_valid_callables():
+  w = {"w": jnp.asarray(rand((6, 6), 5))}
+  masks = []
+  for sparsity in (0.5, np.float32(0.5), np.float64(0.5), lambda step: jnp.float32(0.5)):
+    spec = jc.Spec([jc.Rule("w", [jc.prune.Prune(sparsity=sparsity)])])
+    masks.append(np.asarray(jax.jit(spec.init)(w)[1]["w"].stages["prune"].mask))
+  for m in masks:
+    np.testing.assert_array_equal(m, keep_topk(np.abs(np.asarray(w["w"])), 18))
+  assert type(jc.prune.Prune(sparsity=np.float32(0.5)).sparsity) is float
+  with pytest.raises(TypeError, match=r"Prune: sparsity must be a number in \[0, 1\) or a schedule .*got '0.5' of type str"):
+    jc.prune.Prune(sparsity="0.5")
+
+
+def test_straight_through_gives_zero_for_a_pruned_nan():
+  w = np.array([np.nan, 1.0, -2.0, 3.0, np.inf, 0.5], np.float32)
+  c = rand((6,), 7)
+  spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5, straight_through=True)])])
+  t, s = jax.jit(spec.init)({"w": jnp.asarray(w)})
+  mask = np.asarray(s["w"].stages["prune"].mask)
+  np.testing.assert_array_equal(mask, [False, False, True, True, True, False])  # NaN pruned first
+  out = np.asarray(jax.jit(spec.apply)(t, s)["w"])
+  np.testing.assert_array_equal(out, np.where(mask, w, 0.0))  # 0, not NaN, where pruned
+  g = jax.jit(jax.grad(lambda tr: jnp.sum(spec.apply(tr, s)["w"] * c)))(t)["w"]
+  np.testing.assert_array_equal(np.asarray(g), c)  # the identity to every weight, as before
