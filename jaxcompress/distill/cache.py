@@ -23,13 +23,15 @@ reads the batch (see ``make_distill_step``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 
-from jaxcompress.distill.losses import TopKLogits, _check_k, _check_temperature, topk_logits
+from jaxcompress.core.checks import check_int, check_number
+from jaxcompress.distill.losses import TopKLogits, topk_logits
 
 PyTree = Any
 FORMAT = "jaxcompress.distill.topk_cache"
@@ -115,9 +117,8 @@ def write_topk_cache(
     [1, 0, 2]
   """
   fn = "write_topk_cache"
-  _check_temperature(fn, temperature)
-  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-    raise ValueError(f"{fn}: batch_size must be a positive int, got {batch_size!r}.")
+  temperature = check_number(fn, "temperature", temperature, low=0.0, low_open=True, high=math.inf, high_open=True)
+  batch_size = check_int(fn, "batch_size", batch_size, low=1)
   leaves = jax.tree_util.tree_leaves(inputs)
   if not leaves:
     raise ValueError(f"{fn}: inputs has no arrays.")
@@ -149,7 +150,7 @@ def write_topk_cache(
         f"{out_shape}."
     )
   vocab = int(out_shape.shape[-1])
-  _check_k(fn, k, vocab)
+  k = check_int(fn, "k (at most the vocabulary of the teacher's logits)", k, low=1, high=vocab)
   positions = tuple(int(d) for d in out_shape.shape[1:-1])
   compute = jax.jit(lambda x: topk_logits(logits_fn(x), k, temperature=temperature))
 

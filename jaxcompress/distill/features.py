@@ -14,10 +14,13 @@ and ``apply_projection`` is the pure map.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jaxcompress.core.checks import check_int, check_number, is_concrete
 
 Array = jax.Array
 ArrayLike = Any
@@ -60,6 +63,12 @@ def _check_equal_shapes(fn: str, student: ArrayLike, teacher: ArrayLike) -> None
     raise ValueError(f"{fn}: student features have shape {ss} but teacher features {ts}.{hint}")
   if len(ss) < 1:
     raise ValueError(f"{fn}: features need a feature axis (the last one), got a scalar.")
+
+
+def _check_positive(fn: str, name: str, value: Any) -> None:
+  """A hyperparameter in ``(0, inf)``: checked when concrete (a traced one is not)."""
+  if is_concrete(value):
+    check_number(fn, name, value, low=0.0, low_open=True, high=math.inf, high_open=True)
 
 
 def _safe_norm(x: Array, axis: int = -1) -> Array:
@@ -118,7 +127,7 @@ def feature_cosine_loss(
   Args:
     student: ``[..., d]`` student features (projected if widths differ).
     teacher: ``[..., d]`` teacher features.
-    epsilon: lower bound on each norm in the denominator.
+    epsilon: lower bound on each norm in the denominator, in ``(0, inf)``.
     where: optional boolean mask of shape ``[...]``.
 
   Returns:
@@ -130,6 +139,7 @@ def feature_cosine_loss(
     [1.0]
   """
   fn = "feature_cosine_loss"
+  _check_positive(fn, "epsilon", epsilon)
   _check_equal_shapes(fn, student, teacher)
   _check_where(fn, where, jnp.shape(student)[:-1])
   _dtype(fn, student, teacher)
@@ -168,9 +178,8 @@ def init_projection(
     >>> p["kernel"].shape, p["bias"].shape
     ((4, 8), (8,))
   """
-  for name, v in (("in_features", in_features), ("out_features", out_features)):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-      raise ValueError(f"init_projection: {name} must be a positive int, got {v!r}.")
+  in_features = check_int("init_projection", "in_features", in_features, low=1)
+  out_features = check_int("init_projection", "out_features", out_features, low=1)
   kernel = jax.nn.initializers.lecun_normal()(key, (in_features, out_features), dtype)
   return {"kernel": kernel, "bias": jnp.zeros((out_features,), dtype)}
 
@@ -233,7 +242,7 @@ def attention_transfer_loss(
   Args:
     student: ``[batch, ..., channels]`` activations (NHWC by default).
     teacher: ``[batch, ..., channels']`` with the same batch and spatial shape.
-    p: the power of the activations (2 in the paper).
+    p: the power of the activations, in ``(0, inf)`` (2 in the paper).
     channel_axis: the channel axis of both arrays.
     where: optional boolean mask of shape ``[batch]``.
 
@@ -253,7 +262,8 @@ def attention_transfer_loss(
         f"{fn}: expects activations [batch, spatial..., channels] of equal rank >= 3, got "
         f"student {s.shape} and teacher {t.shape}."
     )
-  ax = channel_axis % s.ndim
+  p = check_number(fn, "p", p, low=0.0, low_open=True, high=math.inf, high_open=True)
+  ax = check_int(fn, "channel_axis", channel_axis, low=-s.ndim, high=s.ndim - 1) % s.ndim
   if ax == 0:
     raise ValueError(f"{fn}: channel_axis={channel_axis} is the batch axis; give the channel axis.")
   ss = tuple(d for i, d in enumerate(s.shape) if i != ax)
@@ -263,8 +273,6 @@ def attention_transfer_loss(
         f"{fn}: batch and spatial shapes must agree (channels may differ), got student {s.shape} "
         f"and teacher {t.shape} with channel_axis={channel_axis}. Resize (pool) the larger map first."
     )
-  if not p > 0:
-    raise ValueError(f"{fn}: p must be positive, got {p}.")
   _check_where(fn, where, s.shape[:1])
   _dtype(fn, s, t)
   return _attention_transfer(s, t, float(p), ax, where)
@@ -327,7 +335,7 @@ def rkd_distance_loss(
   Args:
     student: ``[batch, ...]`` student embeddings.
     teacher: ``[batch, ...]`` teacher embeddings.
-    delta: the Huber threshold (1 in the paper: smooth L1).
+    delta: the Huber threshold, in ``(0, inf)`` (1 in the paper: smooth L1).
     where: optional boolean mask ``[batch]``; pairs with a masked example are 0
       and do not count in ``mu``.
 
@@ -340,6 +348,7 @@ def rkd_distance_loss(
     >>> round(float(rkd_distance_loss(e, 3.0 * e).sum()), 6)
     0.0
   """
+  _check_positive("rkd_distance_loss", "delta", delta)
   _flat_pair("rkd_distance_loss", student, teacher, where)
   return _rkd_distance(student, teacher, delta, where)
 
@@ -378,7 +387,7 @@ def rkd_angle_loss(
   Args:
     student: ``[batch, ...]`` student embeddings.
     teacher: ``[batch, ...]`` teacher embeddings.
-    delta: the Huber threshold.
+    delta: the Huber threshold, in ``(0, inf)``.
     where: optional boolean mask ``[batch]``; triplets with a masked example are 0.
 
   Returns:
@@ -390,6 +399,7 @@ def rkd_angle_loss(
     >>> float(rkd_angle_loss(e, 2.0 * e + 1.0).sum())
     0.0
   """
+  _check_positive("rkd_angle_loss", "delta", delta)
   _flat_pair("rkd_angle_loss", student, teacher, where)
   return _rkd_angle(student, teacher, delta, where)
 

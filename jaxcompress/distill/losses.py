@@ -8,7 +8,14 @@ positions give exactly zero loss and zero gradient (give finite logits there).
 Temperatures and weights are scalars: plain numbers or traced arrays, so a
 schedule of ``jaxcompress.core.schedules`` is used by evaluating it at the
 step, ``temperature=schedule(step)``. A concrete temperature must be positive
-(checked); a traced one cannot be checked without a host sync.
+and finite (checked); a traced one cannot be checked without a host sync.
+
+Classes masked with ``-inf`` (in both the student's and the teacher's logits)
+have probability 0 on both sides: they add 0 to every divergence and get a
+zero (not NaN) gradient. Concrete labels and top-k indices are checked (a
+``ValueError`` naming the argument and the value); traced ones cannot be
+checked without a host sync, so a position with an invalid one gets a NaN
+loss instead of a silently wrong one.
 
 Arithmetic is done in float32 (or the logits' wider float type); the losses
 return that type. Gradients flow into both arguments; the distillation step
@@ -22,11 +29,14 @@ with respect to the student logits is ``T * (softmax(s / T) - softmax(t / T))``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxcompress.core.checks import check_int, check_number, is_concrete
 
 Array = jax.Array
 ArrayLike = Any
@@ -37,11 +47,8 @@ ArrayLike = Any
 # --------------------------------------------------------------------------
 
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def _check_scalar(fn: str, name: str, value: ArrayLike, *, low: float, low_open: bool, high: float | None = None) -> None:
+def _check_scalar(fn: str, name: str, value: ArrayLike, *, low: float, low_open: bool, high: float = math.inf) -> None:
+  """A scalar hyperparameter: checked now when concrete; a traced one is not (no host sync)."""
   if callable(value):
     raise TypeError(
         f"{fn}: {name} must be a number or a scalar array, got the callable {value!r}. To follow "
@@ -49,13 +56,8 @@ def _check_scalar(fn: str, name: str, value: ArrayLike, *, low: float, low_open:
     )
   if jnp.ndim(value) != 0:
     raise ValueError(f"{fn}: {name} must be a scalar, got shape {jnp.shape(value)}.")
-  if not _is_concrete(value):
-    return
-  v = float(np.asarray(value))
-  bad = (v <= low if low_open else v < low) or (high is not None and v > high)
-  if bad or not np.isfinite(v):
-    rng = f"({low}, inf)" if high is None else f"[{low}, {high}]"
-    raise ValueError(f"{fn}: {name} must lie in {rng}, got {v}.")
+  if is_concrete(value):
+    check_number(fn, name, np.asarray(value)[()], low=low, low_open=low_open, high=high, high_open=high == math.inf)
 
 
 def _check_temperature(fn: str, temperature: ArrayLike) -> None:
@@ -99,10 +101,15 @@ def _masked(loss: Array, where: ArrayLike | None) -> Array:
 
 
 def _plogp_ratio(log_p: Array, log_q: Array) -> Array:
-  """``p * (log p - log q)`` with ``0 * log 0 = 0`` (no NaN where ``p == 0``)."""
+  """``p * (log p - log q)``, 0 where ``p == 0`` (also where ``log q = -inf``).
+
+  Both logs are replaced where ``p == 0`` so that neither the value nor the
+  gradient sees ``0 * inf``; where ``p > 0`` and ``q == 0`` the term is
+  ``+inf``, as the divergence is.
+  """
   p = jnp.exp(log_p)
   safe = p > 0
-  return jnp.where(safe, p * (jnp.where(safe, log_p, 0.0) - log_q), 0.0)
+  return jnp.where(safe, p * (jnp.where(safe, log_p, 0.0) - jnp.where(safe, log_q, 0.0)), 0.0)
 
 
 def _check_pair(fn: str, student_logits, teacher_logits, temperature, where) -> None:
@@ -135,7 +142,11 @@ def _reverse_kl(student_logits, teacher_logits, temperature, where):
 @jax.jit
 def _jensen_shannon(student_logits, teacher_logits, temperature, where):
   log_q, log_p, t = _log_probs(student_logits, teacher_logits, temperature)
-  log_m = jnp.logaddexp(log_p, log_q) - jnp.log(2.0).astype(log_p.dtype)
+  # Where both are -inf, m = 0 and both terms vanish: give logaddexp finite
+  # inputs there, so that its gradient is not NaN.
+  dead = jnp.isneginf(log_p) & jnp.isneginf(log_q)
+  lp, lq = jnp.where(dead, 0.0, log_p), jnp.where(dead, 0.0, log_q)
+  log_m = jnp.where(dead, 0.0, jnp.logaddexp(lp, lq) - jnp.log(2.0).astype(log_p.dtype))
   js = 0.5 * jnp.sum(_plogp_ratio(log_p, log_m) + _plogp_ratio(log_q, log_m), axis=-1)
   return _masked(t * t * js, where)
 
@@ -257,7 +268,10 @@ def distillation_loss(
   Args:
     student_logits: ``[..., classes]``.
     teacher_logits: same shape.
-    labels: integer class labels, shape ``[...]``.
+    labels: integer class labels in ``[0, classes)``, shape ``[...]``. Labels
+      out of range are refused (``ValueError``) where ``where`` is True (or
+      not given); traced ones give that position a NaN loss. Positions with
+      ``where`` False may hold any label (padding).
     alpha: weight of the soft term in ``[0, 1]`` (e.g. ``schedule(step)``).
     temperature: ``T > 0`` of the soft term.
     divergence: ``soft_target_loss`` (default), ``reverse_kl_loss``,
@@ -283,6 +297,20 @@ def distillation_loss(
     )
   if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
     raise TypeError(f"{fn}: labels must be integer class indices, got dtype {jnp.asarray(labels).dtype}.")
+  _check_where(fn, where, jnp.shape(labels))
+  if is_concrete(labels) and (where is None or is_concrete(where)):
+    classes = jnp.shape(student_logits)[-1]
+    lab = np.asarray(labels)
+    bad = (lab < 0) | (lab >= classes)
+    if where is not None:
+      bad &= np.asarray(where, bool)
+    if bad.any():
+      pos = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(
+          f"{fn}: labels must be class indices in [0, {classes}), got {int(lab[pos])} at "
+          f"position {pos} ({int(bad.sum())} out of range). Give the class index of each "
+          "position; mark positions without a label (padding) False in where=."
+      )
   soft = divergence(student_logits, teacher_logits, temperature=temperature, where=where)
   return _mix(student_logits, labels, soft, alpha, where)
 
@@ -291,7 +319,11 @@ def distillation_loss(
 def _mix(student_logits, labels, soft, alpha, where):
   dt = soft.dtype
   log_q1 = jax.nn.log_softmax(jnp.asarray(student_logits).astype(dt), axis=-1)
-  hard = -jnp.take_along_axis(log_q1, jnp.asarray(labels)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  classes = log_q1.shape[-1]
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  ok = (labels >= 0) & (labels < classes)
+  picked = jnp.take_along_axis(log_q1, jnp.where(ok, labels, 0)[..., None], axis=-1)[..., 0]
+  hard = jnp.where(ok, -picked, jnp.nan)  # a traced out-of-range label: a visible NaN
   a = jnp.asarray(alpha, dt)
   return _masked(a * soft + (1.0 - a) * hard, where)
 
@@ -326,8 +358,7 @@ class TopKLogits(NamedTuple):
 
 
 def _check_k(fn: str, k: int, vocab: int) -> None:
-  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-    raise ValueError(f"{fn}: k must be a positive int, got {k!r}.")
+  check_int(fn, "k", k, low=1)
   if k > vocab:
     raise ValueError(
         f"{fn}: k={k} is larger than the vocabulary ({vocab} classes, the last axis of the "
@@ -378,6 +409,25 @@ def _topk_membership(indices: Array, vocab: int) -> Array:
   return mark.reshape(lead + (vocab,))
 
 
+def _check_topk_indices(fn: str, idx: np.ndarray, vocab: int) -> None:
+  out = (idx < 0) | (idx >= vocab)
+  if out.any():
+    pos = tuple(int(i) for i in np.argwhere(out)[0])
+    raise ValueError(
+        f"{fn}: teacher_topk_indices must be class indices in [0, {vocab}), got {int(idx[pos])} "
+        f"at {pos}. Pass the indices topk_logits returned for logits with this vocabulary."
+    )
+  srt = np.sort(idx, axis=-1)
+  dup = srt[..., 1:] == srt[..., :-1]
+  if dup.any():
+    pos = tuple(int(i) for i in np.argwhere(dup)[0])
+    raise ValueError(
+        f"{fn}: teacher_topk_indices repeat class {int(srt[pos])} at position {pos[:-1]}; the "
+        "k indices of a position must be distinct (a class counted twice makes the KL "
+        "negative). Pass the indices topk_logits returned."
+    )
+
+
 def topk_distillation_loss(
     student_logits: ArrayLike,
     teacher_topk_values: ArrayLike,
@@ -406,7 +456,10 @@ def topk_distillation_loss(
   Args:
     student_logits: ``[..., vocab]``.
     teacher_topk_values: ``[..., k]`` the teacher's top-k logits (raw).
-    teacher_topk_indices: ``[..., k]`` their class indices (distinct per position).
+    teacher_topk_indices: ``[..., k]`` their class indices, distinct per
+      position and in ``[0, vocab)``: concrete ones are checked
+      (``ValueError``); traced ones that repeat or fall outside give that
+      position a NaN loss.
     teacher_logsumexp: ``[...]`` ``logsumexp(teacher_logits / temperature)``.
     temperature: ``T > 0``; the same temperature ``teacher_logsumexp`` was
       computed at.
@@ -446,6 +499,8 @@ def topk_distillation_loss(
     raise TypeError(f"{fn}: teacher_topk_indices must be integers, got {jnp.asarray(teacher_topk_indices).dtype}.")
   _check_where(fn, where, lead)
   _float_dtype(student_logits, teacher_topk_values, teacher_logsumexp)
+  if is_concrete(teacher_topk_indices):
+    _check_topk_indices(fn, np.asarray(teacher_topk_indices), vocab)
   return _topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, teacher_logsumexp, temperature, where)
 
 
@@ -460,8 +515,13 @@ def _topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, teacher_
   log_q = jnp.take_along_axis(s, idx, axis=-1) - lse_s[..., None]
   log_p = jnp.asarray(teacher_topk_values).astype(dt) / t - jnp.asarray(teacher_logsumexp).astype(dt)[..., None]
   kl = jnp.sum(_plogp_ratio(log_p, log_q), axis=-1)
+  inside = _topk_membership(idx, vocab)
+  # Repeated or out-of-range indices mark fewer than k classes: a visible NaN.
+  valid = jnp.sum(inside, axis=-1, dtype=jnp.int32) == k
+  valid &= jnp.all((idx >= 0) & (idx < vocab), axis=-1)
+  kl = jnp.where(valid, kl, jnp.nan)
   if k < vocab:
-    outside = ~_topk_membership(idx, vocab)
+    outside = ~inside
     log_q_rest = jax.nn.logsumexp(s, axis=-1, where=outside) - lse_s
     p_rest = jnp.clip(1.0 - jnp.sum(jnp.exp(log_p), axis=-1), 0.0, 1.0)
     has = p_rest > 0

@@ -130,3 +130,24 @@ def test_rkd_where_equals_the_loss_on_the_kept_examples():
     np.testing.assert_allclose(full.sum(), sub.sum(), rtol=1e-5)
   with pytest.raises(ValueError, match=r"must share the batch \(first\) axis"):
     distill.rkd_distance_loss(jnp.ones((3, 2)), jnp.ones((4, 2)))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_feature_loss_hyperparameters_are_checked(value):
+  e = jnp.ones((3, 4))
+  shown = str(value)
+  with pytest.raises(ValueError, match=rf"rkd_distance_loss: delta must be a number in \(0, inf\), got {shown}"):
+    distill.rkd_distance_loss(e, e, delta=value)
+  with pytest.raises(ValueError, match=rf"rkd_angle_loss: delta must be a number in \(0, inf\), got {shown}"):
+    distill.rkd_angle_loss(e, e, delta=value)
+  with pytest.raises(ValueError, match=rf"feature_cosine_loss: epsilon must be a number in \(0, inf\), got {shown}"):
+    distill.feature_cosine_loss(e, e, epsilon=value)
+  x = jnp.ones((1, 2, 2, 3))
+  with pytest.raises(ValueError, match=rf"attention_transfer_loss: p must be a number in \(0, inf\), got {shown}"):
+    distill.attention_transfer_loss(x, x, p=value)
+
+
+def test_attention_channel_axis_is_checked():
+  x = jnp.ones((1, 2, 2, 3))
+  with pytest.raises(ValueError, match=r"attention_transfer_loss: channel_axis must be an integer in \[-4, 3\], got 4"):
+    distill.attention_transfer_loss(x, x, channel_axis=4)

@@ -202,25 +202,25 @@ def test_topk_loss_zero_when_student_matches_teacher_and_where_masks():
 
 
 @pytest.mark.parametrize("fn", [distill.soft_target_loss, distill.reverse_kl_loss, distill.jensen_shannon_loss])
-@pytest.mark.parametrize("temperature", [0.0, -1.0])
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
 def test_temperature_must_be_positive(fn, temperature):
   s = jnp.ones((2, 3))
-  with pytest.raises(ValueError, match=r"temperature must lie in \(0.0, inf\), got " + str(temperature)):
+  with pytest.raises(ValueError, match=r"temperature must be a number in \(0, inf\), got " + str(temperature)):
     fn(s, s, temperature=temperature)
 
 
 def test_temperature_errors_for_topk_and_mix():
   s = jnp.ones((2, 3))
-  with pytest.raises(ValueError, match="topk_logits: temperature must lie"):
+  with pytest.raises(ValueError, match=r"topk_logits: temperature must be a number in \(0, inf\)"):
     distill.topk_logits(s, 2, temperature=0.0)
   tk = distill.topk_logits(s, 2)
-  with pytest.raises(ValueError, match="topk_distillation_loss: temperature must lie"):
+  with pytest.raises(ValueError, match=r"topk_distillation_loss: temperature must be a number in \(0, inf\), got -2.0"):
     distill.topk_distillation_loss(s, *tk, temperature=-2.0)
-  with pytest.raises(ValueError, match="soft_target_loss: temperature must lie"):
+  with pytest.raises(ValueError, match=r"soft_target_loss: temperature must be a number in \(0, inf\)"):
     distill.distillation_loss(s, s, jnp.zeros(2, jnp.int32), temperature=0.0)
   with pytest.raises(TypeError, match=r"evaluate it at the step: temperature=schedule\(step\)"):
     distill.soft_target_loss(s, s, temperature=jc.schedules.constant(2.0))
-  with pytest.raises(ValueError, match=r"alpha must lie in \[0.0, 1.0\], got 1.5"):
+  with pytest.raises(ValueError, match=r"distillation_loss: alpha must be a number in \[0, 1\], got 1.5"):
     distill.distillation_loss(s, s, jnp.zeros(2, jnp.int32), alpha=1.5)
 
 
@@ -241,8 +241,96 @@ def test_mismatched_logit_shapes_are_rejected():
 def test_k_larger_than_vocabulary_is_rejected():
   with pytest.raises(ValueError, match=r"topk_logits: k=6 is larger than the vocabulary \(5 classes"):
     distill.topk_logits(jnp.ones((2, 5)), 6)
-  with pytest.raises(ValueError, match="k must be a positive int, got 0"):
+  with pytest.raises(ValueError, match=r"topk_logits: k must be an integer in \[1, inf\], got 0"):
     distill.topk_logits(jnp.ones((2, 5)), 0)
   idx = jnp.tile(jnp.arange(6, dtype=jnp.int32), (2, 1))
   with pytest.raises(ValueError, match=r"topk_distillation_loss: k=6 is larger than the vocabulary \(5"):
     distill.topk_distillation_loss(jnp.ones((2, 5)), jnp.ones((2, 6)), idx, jnp.ones(2))
+
+
+# --------------------------------------------------------------------------
+# Classes masked with -inf, invalid labels and top-k indices.
+# --------------------------------------------------------------------------
+
+
+def _softmax64(z):
+  return np.exp(np_log_softmax(z))
+
+
+def _closed_forms(s, t, temperature):
+  """numpy float64 losses and student gradients on a vocabulary without the masked class."""
+  T = temperature
+  q, p = _softmax64(s / T), _softmax64(t / T)
+  lq, lp = np.log(q), np.log(p)
+  m = 0.5 * (p + q)
+  fwd = T * T * np.sum(p * (lp - lq), -1)
+  rev = T * T * np.sum(q * (lq - lp), -1)
+  js = T * T * 0.5 * np.sum(p * np.log(p / m) + q * np.log(q / m), -1)
+  g_fwd = T * (q - p)
+  r = lq - lp
+  g_rev = T * q * (r - np.sum(q * r, -1, keepdims=True))
+  l = np.log(q / m)
+  g_js = 0.5 * T * q * (l - np.sum(q * l, -1, keepdims=True))
+  return {
+      distill.soft_target_loss: (fwd, g_fwd),
+      distill.reverse_kl_loss: (rev, g_rev),
+      distill.jensen_shannon_loss: (js, g_js),
+  }
+
+
+@pytest.mark.parametrize("fn", [distill.soft_target_loss, distill.reverse_kl_loss, distill.jensen_shannon_loss])
+def test_classes_masked_in_both_give_finite_loss_and_gradients(fn):
+  s, t = logits(10, (2, 5)), logits(11, (2, 5))
+  dead = 2
+  s_inf, t_inf = s.copy(), t.copy()
+  s_inf[:, dead] = t_inf[:, dead] = -np.inf
+  temperature = 2.0
+  loss, ref_grad = _closed_forms(np.delete(s, dead, -1), np.delete(t, dead, -1), temperature)[fn]
+
+  total = jax.jit(lambda a, b: fn(a, b, temperature=temperature).sum())
+  value, (gs, gt) = jax.value_and_grad(total, argnums=(0, 1))(jnp.asarray(s_inf), jnp.asarray(t_inf))
+  np.testing.assert_allclose(float(value), loss.sum(), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(fn(s_inf, t_inf, temperature=temperature)), loss, rtol=1e-5)
+  gs, gt = np.asarray(gs), np.asarray(gt)
+  assert np.isfinite(gs).all() and np.isfinite(gt).all()
+  np.testing.assert_array_equal(gs[:, dead], 0.0)
+  np.testing.assert_array_equal(gt[:, dead], 0.0)
+  np.testing.assert_allclose(np.delete(gs, dead, -1), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_labels_out_of_range_are_refused_or_nan():
+  s, t = logits(12, (3, 4)), logits(13, (3, 4))
+  for bad, shown in [(-1, "-1"), (4, "4")]:
+    labels = np.array([0, bad, 2], np.int32)
+    with pytest.raises(ValueError, match=rf"distillation_loss: labels must be class indices in \[0, 4\), got {shown} at position \(1,\).*False in where="):
+      distill.distillation_loss(s, t, labels)
+    # Padding: an out-of-range label where `where` is False is fine and gives 0.
+    where = np.array([True, False, True])
+    out = np.asarray(distill.distillation_loss(s, t, labels, where=where))
+    ok = np.asarray(distill.distillation_loss(s, t, np.array([0, 0, 2], np.int32), where=where))
+    np.testing.assert_array_equal(out, ok)
+    # Traced: that position's loss is NaN (visible), the others unchanged.
+    traced = np.asarray(jax.jit(distill.distillation_loss)(s, t, jnp.asarray(labels)))
+    full = np.asarray(distill.distillation_loss(s, t, np.array([0, 0, 2], np.int32)))
+    assert np.isnan(traced[1])
+    np.testing.assert_allclose(traced[[0, 2]], full[[0, 2]], rtol=1e-6)
+
+
+def test_topk_indices_must_be_distinct_and_in_range():
+  s, t = logits(14, (2, 6)), logits(15, (2, 6))
+  tk = distill.topk_logits(t, 3)
+  dup = np.asarray(tk.indices).copy()
+  dup[1, 2] = dup[1, 0]
+  with pytest.raises(ValueError, match=rf"teacher_topk_indices repeat class {dup[1, 0]} at position \(1,\); the k indices of a position must be distinct"):
+    distill.topk_distillation_loss(s, tk.values, dup, tk.logsumexp)
+  far = np.asarray(tk.indices).copy()
+  far[0, 1] = -1
+  with pytest.raises(ValueError, match=r"teacher_topk_indices must be class indices in \[0, 6\), got -1 at \(0, 1\)"):
+    distill.topk_distillation_loss(s, tk.values, far, tk.logsumexp)
+  loss = jax.jit(distill.topk_distillation_loss)
+  good = np.asarray(loss(s, *tk))
+  for bad in (dup, far):
+    out = np.asarray(loss(s, tk.values, jnp.asarray(bad), tk.logsumexp))
+    row = 1 if bad is dup else 0
+    assert np.isnan(out[row]) and np.isfinite(out[1 - row])
+    np.testing.assert_allclose(out[1 - row], good[1 - row], rtol=1e-6)
