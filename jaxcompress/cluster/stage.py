@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jaxcompress.cluster import kmeans1d as _km
 from jaxcompress.core import sharding as _sharding
+from jaxcompress.core.checks import check_int, error_if
 from jaxcompress.core.stage import Stage, UpdateContext
 
 Array = jax.Array
@@ -63,15 +64,21 @@ class Cluster(Stage):
   Args:
     bits: ``2^bits`` centroids per layer (or per channel); 1 to 8, since the
       assignments are stored as uint8.
-    centroid_init: ``"linear"`` (evenly spaced over ``[min, max]`` of the
-      nonzero weights, the best of the three in Deep Compression), ``"density"``
-      (evenly spaced levels of the weights' CDF) or ``"kmeans++"`` (needs a
-      PRNG key: pass ``key=`` to ``spec.init``, or to ``spec.update`` when
+    centroid_init: ``"optimal"`` (the default: the k-means optimum of the
+      nonzero weights, by dynamic programming over their sorted values; exact
+      for groups of up to 512 values, near-optimal beyond and polished by
+      Lloyd), or a Lloyd starting point from Deep Compression: ``"linear"``
+      (evenly spaced over ``[min, max]`` of the nonzero weights), ``"density"``
+      (evenly spaced levels of their CDF) or ``"kmeans++"`` (needs a PRNG key:
+      pass ``key=`` to ``spec.init``, or to ``spec.update`` when
       ``begin_step > 0``).
     channel_axis: ``None`` for one codebook per layer, or the axis of the
       output channels (``-1`` for a Flax ``Dense`` or ``Conv`` kernel) for one
       codebook per channel.
-    iters: Lloyd iterations (a fixed number, so it runs under ``jax.jit``).
+    iters: the most Lloyd iterations. Lloyd stops earlier, at its fixed point,
+      once the partition no longer changes (each iteration costs O(k log n)
+      on the sorted weights, so the cap is rarely reached); ``0`` keeps the
+      initial centroids.
     begin_step: ``0`` clusters at ``spec.init``; a positive step clusters in
       the ``spec.update`` of that step, from the value the stages before left
       then (the weight after pruning and training). Before it, the stage
@@ -93,17 +100,24 @@ class Cluster(Stage):
   name: ClassVar[str] = "weight_sharing"
 
   bits: int
-  centroid_init: str = "linear"
+  centroid_init: str = "optimal"
   channel_axis: int | None = None
-  iters: int = 20
+  iters: int = 300
   begin_step: int = 0
 
   def __post_init__(self):
-    if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-      raise TypeError(f"Cluster: bits must be an int, got {self.bits!r}.")
+    try:
+      check_int("Cluster", "bits", self.bits, low=1, high=MAX_BITS)
+    except ValueError as e:
+      raise ValueError(
+          f"{e} bits={self.bits} would give {2**self.bits} centroids, but cluster indices "
+          f"are stored as uint8. Use bits in 1..{MAX_BITS} (Deep Compression uses 5 for "
+          "Dense and 8 for Conv layers)."
+      ) from None
     if self.centroid_init not in _km.INITS:
       raise ValueError(
-          f"Cluster: centroid_init must be one of {_km.INITS}, got {self.centroid_init!r}."
+          f"Cluster: centroid_init must be one of {_km.INITS}, got {self.centroid_init!r}. "
+          "Use 'optimal' (the default) unless you reproduce a paper's initialisation."
       )
     if self.channel_axis is not None and (
         isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int)
@@ -112,10 +126,8 @@ class Cluster(Stage):
           f"Cluster: channel_axis must be None (one codebook per layer) or an int axis, "
           f"got {self.channel_axis!r}."
       )
-    for field in ("iters", "begin_step"):
-      v = getattr(self, field)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"Cluster: {field} must be a non-negative int, got {v!r}.")
+    check_int("Cluster", "iters", self.iters, low=0)
+    check_int("Cluster", "begin_step", self.begin_step, low=0)
 
   @property
   def num_centroids(self) -> int:
@@ -124,18 +136,20 @@ class Cluster(Stage):
 
   # -- checks that need the leaf ---------------------------------------------
   def _check_leaf(self, value, path: str) -> None:
-    if not 1 <= self.bits <= MAX_BITS:
-      raise ValueError(
-          f"Cluster on leaf {path!r}: bits={self.bits} gives {2**self.bits} centroids, but "
-          f"cluster indices are stored as uint8, so bits must be in 1..{MAX_BITS}. Use "
-          f"bits <= {MAX_BITS} (Deep Compression uses 5 for Dense and 8 for Conv layers)."
-      )
     if self.channel_axis is not None and not -value.ndim <= self.channel_axis < value.ndim:
       raise ValueError(
           f"Cluster on leaf {path!r}: channel_axis={self.channel_axis} is out of range for "
           f"a weight of shape {tuple(value.shape)}. Use an axis in "
           f"[{-value.ndim}, {value.ndim}) or None for one codebook per layer."
       )
+
+  def _check_finite(self, value, path: str) -> None:
+    error_if(
+        ~jnp.all(jnp.isfinite(value)),
+        f"Cluster on leaf {path!r}: the weight holds NaN or inf values, and k-means would "
+        "turn every centroid they reach into NaN. Find where they come from (a diverged "
+        "training step, a corrupt checkpoint) and cluster finite weights.",
+    )
 
   def _key_needed(self, key, path: str, where: str) -> None:
     if self.centroid_init == "kmeans++" and key is None:
@@ -174,6 +188,7 @@ class Cluster(Stage):
           jnp.zeros(value.shape, jnp.uint8), jnp.zeros((), jnp.bool_)
       )
     self._key_needed(key, path, "spec.init")
+    self._check_finite(value, path)
     centroids, assignments = _cluster(self, value, key)
     return centroids, ClusterState(assignments, jnp.ones((), jnp.bool_))
 
@@ -193,7 +208,7 @@ class Cluster(Stage):
     if self.begin_step == 0:
       return value, params, state
     self._key_needed(ctx.key, ctx.path, "spec.update")
-    return value, *_cluster_at_step(self, value, params, state, ctx.step, ctx.key)
+    return value, *_cluster_at_step(self, value, params, state, ctx.step, ctx.key, ctx.path)
 
 
 # Jitted with the stage static: inlined under an outer jit, and compiled once
@@ -204,9 +219,12 @@ def _cluster(stage: Cluster, value: Array, key: Array | None) -> tuple[Array, Ar
   x = stage._grouped(value.astype(jnp.float32))
   valid = x != 0
   keys = None if key is None else jax.random.split(key, x.shape[0])
+  cuts = _km.num_cuts(x.shape[1], stage.num_centroids, x.shape[0])
 
   def one(xg, vg, kg):
-    return _km.kmeans(xg, vg, stage.num_centroids, init=stage.centroid_init, iters=stage.iters, key=kg)
+    return _km.kmeans(
+        xg, vg, stage.num_centroids, init=stage.centroid_init, iters=stage.iters, key=kg, cuts=cuts
+    )
 
   centroids, assignments = jax.vmap(one)(x, valid, keys)
   assignments = jnp.where(valid, assignments, 0).astype(jnp.uint8)
@@ -215,11 +233,12 @@ def _cluster(stage: Cluster, value: Array, key: Array | None) -> tuple[Array, Ar
   return centroids.astype(value.dtype), stage._ungrouped(assignments, value.shape)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _cluster_at_step(stage: Cluster, value, params, state, step, key):
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _cluster_at_step(stage: Cluster, value, params, state, step, key, path):
   """Clusters ``value`` when ``step == stage.begin_step``; else keeps params and state."""
 
   def run(_):
+    stage._check_finite(value, path)
     centroids, assignments = _cluster(stage, value, key)
     return centroids, ClusterState(assignments, jnp.ones((), jnp.bool_))
 
