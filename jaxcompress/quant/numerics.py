@@ -625,13 +625,14 @@ def check_finite(
     return
   bad = jnp.isinf(x) if fmt is not None and fmt.is_float else ~jnp.isfinite(x)
   if why is None:
-    why = f"cannot be encoded in {fmt.dtype if fmt.is_float else f'int{fmt.bits}'}"
+    why = ("are not accepted" if fmt is None else
+           f"cannot be encoded in {fmt.dtype if fmt.is_float else f'int{fmt.bits}'}")
   if fix is None:
     fix = ("replace or mask them before encoding (e.g. jnp.nan_to_num), or leave this leaf "
            "unquantized; fake quantization (FakeQuant, fake_quant) passes them through instead.")
   if is_concrete(x):
-    bad = np.asarray(bad)
-    if bad.any():
+    if bool(jnp.any(bad)):  # one scalar to the host; the details only on failure
+      bad = np.asarray(bad)
       first = tuple(int(i) for i in np.argwhere(bad)[0])
       raise ValueError(
           f"{path}: {int(bad.sum())} non-finite {what}(s) (first {float(np.asarray(x)[first])} "

@@ -99,7 +99,6 @@ def quantize_params(
       continue
     _check_float(leaf, path, "quantize_params")
     numerics.check(fmt, granularity, tuple(leaf.shape), path)
-    numerics.check_finite(leaf, fmt, path)
     scale, zp = calibration.scale(leaf, fmt, granularity)
     out.append(numerics.quantize(leaf, fmt, granularity, scale=scale, zero_point=zp, path=path))
   return treedef.unflatten(out)
