@@ -29,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.core.checks import check_int, error_if
 from jaxcompress.core.paths import path_str
 from jaxcompress.core.spec import Rule, Spec
 from jaxcompress.core.stage import Stage
 from jaxcompress.lowrank.factors import Factors, Tucker2Factors
+from jaxcompress.lowrank.linalg import truncated_svd
 from jaxcompress.lowrank.ranks import Budget, Energy, Fixed, Fraction, RankRule
 
 Array = jax.Array
@@ -52,6 +54,16 @@ def _check_concrete(stage: Stage, values: Sequence[Any], paths: Sequence[str]) -
           "or fix the ranks first with spec = jc.lowrank.freeze_ranks(spec, params), or "
           "give a rank or fraction, which need only shapes."
       )
+
+
+def _check_finite(stage_name: str, values: Sequence[Any], paths: Sequence[str]) -> None:
+  for v, p in zip(values, paths):
+    error_if(
+        ~jnp.all(jnp.isfinite(v)),
+        f"{stage_name}: leaf {p!r} holds NaN or inf values; its factorization would be NaN "
+        "throughout. Find where they come from (a diverged training step, a corrupt "
+        "checkpoint) and factorize finite weights.",
+    )
 
 
 def _check_rank_rule(stage_name: str, rank: Any) -> None:
@@ -112,6 +124,15 @@ class SVD(Stage):
 
   def __post_init__(self):
     _check_rank_rule("SVD", self.rank)
+    if isinstance(self.rank, Fixed):
+      r = self.rank.rank
+      given = [v for _, v in r] if isinstance(r, tuple) and r and isinstance(r[0], tuple) else [r]
+      pairs = [v for v in given if isinstance(v, tuple)]
+      if pairs:
+        raise TypeError(
+            f"SVD: rank {pairs[0]!r} is a pair of ranks (r_in, r_out), which is for Tucker2; "
+            "SVD takes one int per leaf, e.g. lowrank.svd(rank=64)."
+        )
 
   @staticmethod
   def _matrix_shape(value: Any, path: str) -> tuple[int, int]:
@@ -151,6 +172,7 @@ class SVD(Stage):
     spectra = [None] * len(values)
     if self.rank.needs_values:
       _check_concrete(self, values, paths)
+      _check_finite("SVD", values, paths)
       spectra = [
           np.asarray(jnp.linalg.svd(self._matrix(v, p), compute_uv=False))
           for v, p in zip(values, paths)
@@ -165,17 +187,13 @@ class SVD(Stage):
     del keys
     for v, p in zip(values, paths):
       self._matrix_shape(v, p)
-    if self.rank.needs_values:
-      _check_concrete(self, values, paths)
-    svds = [jnp.linalg.svd(self._matrix(v, p), full_matrices=False) for v, p in zip(values, paths)]
-    spectra = [np.asarray(s) if self.rank.needs_values else None for _, s, _ in svds]
-    ranks = self._ranks(values, paths, spectra)
+    _check_finite("SVD", values, paths)
     out = []
-    for v, (u, s, vt), r in zip(values, svds, ranks):
-      root = jnp.sqrt(s[:r])
-      factors = Factors(
-          (u[:, :r] * root).astype(v.dtype), (root[:, None] * vt[:r]).astype(v.dtype), tuple(v.shape)
-      )
+    for v, p, r in zip(values, paths, self.select_ranks(values, paths)):
+      # Only the r leading triplets: a randomized SVD when r is small (linalg.truncated_svd).
+      u, s, vt = truncated_svd(self._matrix(v, p), r)
+      root = jnp.sqrt(s)
+      factors = Factors((u * root).astype(v.dtype), (root[:, None] * vt).astype(v.dtype), tuple(v.shape))
       out.append((factors, None))
     return out
 
@@ -196,8 +214,14 @@ class Tucker2(Stage):
   r_out)``: ``Fixed`` takes an int (both) or a pair; ``Fraction`` and ``Energy``
   apply to each mode's unfolding.
 
+  With ``refine_iters > 0`` the HOSVD factors are refined by alternating
+  least squares (HOOI, De Lathauwer et al. 2000): each pass replaces ``u_in``
+  by the leading left singular vectors of the kernel projected on ``u_out``,
+  then ``u_out`` likewise. Each pass can only lower the reconstruction error.
+
   Args:
     rank: a ``Fixed``, ``Fraction`` or ``Energy`` rank rule.
+    refine_iters: HOOI passes after the HOSVD (``0``: the truncated HOSVD).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxcompress as jc
@@ -213,9 +237,11 @@ class Tucker2(Stage):
   name: ClassVar[str] = "lowrank"
 
   rank: RankRule
+  refine_iters: int = 0
 
   def __post_init__(self):
     _check_rank_rule("Tucker2", self.rank)
+    check_int("Tucker2", "refine_iters", self.refine_iters, low=0)
     if isinstance(self.rank, Budget):
       raise TypeError(
           "Tucker2: a parameter Budget is not supported (a Tucker-2 core's cost couples "
@@ -279,6 +305,7 @@ class Tucker2(Stage):
     spectra = [None] * (2 * len(values))
     if self.rank.needs_values:
       _check_concrete(self, values, paths)
+      _check_finite("Tucker2", values, paths)
       spectra = [
           np.asarray(jnp.linalg.svd(a, compute_uv=False))
           for v in values
@@ -292,15 +319,23 @@ class Tucker2(Stage):
       self._check_shape(v, p)
     if self.rank.needs_values:
       _check_concrete(self, values, paths)
-    bases = [
-        [jnp.linalg.svd(a, full_matrices=False)[:2] for a in self._unfoldings(v)] for v in values
-    ]
-    spectra = [np.asarray(s) if self.rank.needs_values else None for b in bases for _, s in b]
-    ranks = self._ranks(values, paths, spectra)
+    _check_finite("Tucker2", values, paths)
     out = []
-    for v, ((u_in, _), (u_out, _)), (r_in, r_out) in zip(values, bases, ranks):
-      u_in, u_out = u_in[:, :r_in], u_out[:, :r_out]
-      core = jnp.einsum("...io,ia,ob->...ab", v.astype(u_in.dtype), u_in, u_out)
+    for v, (r_in, r_out) in zip(values, self.select_ranks(values, paths)):
+      w = v.astype(_svd_dtype(v.dtype))
+      a_in, a_out = self._unfoldings(v)
+      u_in, u_out = truncated_svd(a_in, r_in)[0], truncated_svd(a_out, r_out)[0]
+
+      def hooi(_, us, w=w, r_in=r_in, r_out=r_out):
+        u_in, u_out = us
+        y = jnp.einsum("...io,ob->...ib", w, u_out)  # (*spatial, in, r_out)
+        u_in = truncated_svd(jnp.moveaxis(y, -2, 0).reshape(y.shape[-2], -1), r_in)[0]
+        z = jnp.einsum("...io,ia->...ao", w, u_in)  # (*spatial, r_in, out)
+        u_out = truncated_svd(jnp.moveaxis(z, -1, 0).reshape(z.shape[-1], -1), r_out)[0]
+        return u_in, u_out
+
+      u_in, u_out = jax.lax.fori_loop(0, self.refine_iters, hooi, (u_in, u_out))
+      core = jnp.einsum("...io,ia,ob->...ab", w, u_in, u_out)
       factors = Tucker2Factors(core.astype(v.dtype), u_in.astype(v.dtype), u_out.T.astype(v.dtype))
       out.append((factors, None))
     return out
@@ -370,6 +405,7 @@ def tucker2(
     *,
     fraction: float | None = None,
     energy: float | None = None,
+    refine_iters: int = 0,
 ) -> Tucker2:
   """A ``Tucker2`` stage with its rank rule given by exactly one keyword.
 
@@ -378,16 +414,17 @@ def tucker2(
       ``{leaf path: rank or pair}``.
     fraction: a fraction in ``(0, 1]`` of each mode's full rank.
     energy: a threshold in ``(0, 1]`` on each mode's retained energy.
+    refine_iters: HOOI passes after the truncated HOSVD.
 
   Returns:
-    ``Tucker2(rank=...)``.
+    ``Tucker2(rank=..., refine_iters=refine_iters)``.
 
   Example:
     >>> from jaxcompress import lowrank
     >>> lowrank.tucker2(rank=(4, 8)).rank
     Fixed(rank=(4, 8))
   """
-  return Tucker2(rank=_rank_rule("tucker2", rank, fraction, energy))
+  return Tucker2(rank=_rank_rule("tucker2", rank, fraction, energy), refine_iters=refine_iters)
 
 
 def freeze_ranks(spec: Spec, params: Any) -> Spec:

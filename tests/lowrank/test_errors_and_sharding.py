@@ -61,7 +61,7 @@ def test_per_leaf_mapping_missing_a_leaf():
 def test_vector_leaf_and_pair_rank_for_svd():
   with pytest.raises(ValueError, match=r"SVD: leaf 'bias' has shape \(8,\)"):
     jc.Spec([jc.Rule("bias", [lowrank.svd(rank=1)])]).init({"bias": jnp.ones(8)})
-  with pytest.raises(TypeError, match=r"leaf 'w': a pair of ranks \(2, 3\) is for Tucker2"):
+  with pytest.raises(TypeError, match=r"SVD: rank \(2, 3\) is a pair of ranks \(r_in, r_out\), which is for Tucker2"):
     jc.Spec([jc.Rule("w", [lowrank.svd(rank=(2, 3))])]).init({"w": jnp.ones((4, 4))})
 
 
