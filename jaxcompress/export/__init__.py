@@ -34,7 +34,7 @@ from jaxcompress.export.encodings import (
     Quantized,
     register_encoder,
 )
-from jaxcompress.export.files import SavedFile, load, save
+from jaxcompress.export.files import SavedFile, load, read_manifest, save
 
 __all__ = [
     "Artifact",
@@ -52,6 +52,7 @@ __all__ = [
     "decode",
     "export",
     "load",
+    "read_manifest",
     "register_encoder",
     "save",
 ]

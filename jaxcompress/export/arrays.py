@@ -18,19 +18,49 @@ entry equals the array's ``fill`` (the zero code, or ``+0.0``). Layouts:
 Symbol streams: ``packed`` integers of a fixed width (``int4``: two per byte),
 ``huffman`` (canonical code, table of 4-bit lengths), or ``raw`` bytes of a
 float dtype. ``store`` tries every layout that applies and keeps the smallest.
-The node it returns is plain JSON; buffers are ``uint8`` arrays by name.
+
+A stored array is described by a short string, ``layout:stream``, that is both
+its name in the manifest and all a decoder needs besides its buffers, which
+follow one another in the order they were written:
+
+    layout  = dense | bitmask | csr | nm<n>/<m>@<axis> | runs<p>x<count>(<stream>)
+    stream  = u<bits>[<offset>] (packed, value = stored + offset, e.g. u4-8)
+            | h<alphabet>[<offset>] (Huffman) | <dtype name> (raw bytes)
+            | x<dtype name> (floats XOR-coded with their predecessor; small arrays)
+
+e.g. ``runs3x3706(h8):h32``: relative indices of 3 bits, Huffman-coded,
+then Huffman-coded symbols of a 32-symbol alphabet.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import numpy as np
 
 from jaxcompress.export import bits as _bits
 
-Buffers = dict[str, np.ndarray]
+Buffers = list[np.ndarray]
+
+
+class Reader:
+  """Hands out a leaf's buffers in the order they were written."""
+
+  def __init__(self, buffers: list[np.ndarray]):
+    self._buffers = list(buffers)
+    self._next = 0
+
+  def next(self) -> np.ndarray:
+    if self._next >= len(self._buffers):
+      raise ValueError("the encoding names more buffers than the leaf has.")
+    self._next += 1
+    return np.asarray(self._buffers[self._next - 1], np.uint8)
+
+  def done(self) -> None:
+    if self._next != len(self._buffers):
+      raise ValueError(f"the leaf has {len(self._buffers) - self._next} buffers its encoding does not use.")
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -54,9 +84,9 @@ def raw_bits(x: np.ndarray) -> np.ndarray:
 
 
 class Stream:
-  """A planned symbol stream: its size in bytes and how to write it."""
+  """A planned symbol stream: its size in bytes and how to write it (returns its descriptor)."""
 
-  def __init__(self, nbytes: int, write: Callable[[Buffers, str], dict]):
+  def __init__(self, nbytes: int, write: Callable[[Buffers], str]):
     self.nbytes = nbytes
     self.write = write
 
@@ -66,52 +96,80 @@ def _int_stream(symbols: np.ndarray, lo: int, hi: int, huffman: bool) -> Stream:
   s = np.asarray(symbols, np.int64).reshape(-1) - lo
   alphabet = hi - lo + 1
   b = _bits.width(alphabet)
-  best = Stream(
-      _bits.packed_bytes(s.size, b),
-      lambda bufs, name: _put(bufs, name, _bits.pack(s, b), {"coding": "packed", "bits": b, "offset": lo}),
-  )
+
+  def write_packed(bufs):
+    bufs.append(_bits.pack(s, b))
+    return f"u{b}{_offset(lo)}"
+
+  best = Stream(_bits.packed_bytes(s.size, b), write_packed)
   if huffman and s.size:
     lengths = _bits.huffman_lengths(s, alphabet)
     if lengths is not None:
       nbytes = (_bits.huffman_bits(s, lengths) + 7) // 8 + _bits.packed_bytes(alphabet, 4)
       if nbytes < best.nbytes:
 
-        def write(bufs, name):
+        def write_huffman(bufs):
           stream, table = _bits.huffman_encode(s, lengths)
-          bufs[name + "h"] = table
-          return _put(bufs, name, stream, {"coding": "huffman", "alphabet": alphabet, "offset": lo})
+          bufs += [table, stream]
+          return f"h{alphabet}{_offset(lo)}"
 
-        best = Stream(nbytes, write)
+        best = Stream(nbytes, write_huffman)
   return best
 
 
+def _offset(lo: int) -> str:
+  return f"{lo:+d}" if lo else ""
+
+
+XOR_MAX = 4096  # XOR-delta coding (a Python loop to decode) only for arrays this small
+
+
 def _raw_stream(values: np.ndarray) -> Stream:
+  """Raw bytes, or for small float arrays XOR-delta coded if smaller (``x<dtype>``)."""
   v = np.ascontiguousarray(values).reshape(-1)
-  return Stream(
-      v.nbytes,
-      lambda bufs, name: _put(bufs, name, v.view(np.uint8), {"coding": "raw", "dtype": v.dtype.name}),
-  )
+
+  def write(bufs):
+    bufs.append(v.view(np.uint8).copy())
+    return v.dtype.name
+
+  best = Stream(v.nbytes, write)
+  if 0 < v.size <= XOR_MAX and np.issubdtype(v.dtype, np.inexact):
+    w = 8 * v.dtype.itemsize
+    words = raw_bits(v)
+    nbytes = _bits.xor_bytes(words, w)
+    if nbytes < best.nbytes:
+
+      def write_xor(bufs):
+        bufs.append(_bits.xor_encode(words, w))
+        return "x" + v.dtype.name
+
+      best = Stream(nbytes, write_xor)
+  return best
 
 
-def _put(bufs: Buffers, name: str, data: np.ndarray, node: dict) -> dict:
-  bufs[name] = np.asarray(data, np.uint8).reshape(-1)
-  return {**node, "buf": name}
+_STREAM = re.compile(r"(?:([uh])(\d+)([+-]\d+)?|([a-z][a-z0-9_]*))$")
 
 
-def _read_stream(node: dict, bufs: Buffers, count: int) -> np.ndarray:
-  buf = bufs[node["buf"]]
-  coding = node["coding"]
-  if coding == "raw":
-    dtype = np_dtype(node["dtype"])
+def _read_stream(desc: str, bufs: Reader, count: int) -> np.ndarray:
+  m = _STREAM.match(desc)
+  if m is None:
+    raise ValueError(f"unknown symbol stream {desc!r}.")
+  kind, n, offset, dtype_name = m.groups()
+  if dtype_name is not None and dtype_name.startswith("x"):
+    dtype = np_dtype(dtype_name[1:])
+    words = _bits.xor_decode(bufs.next(), count, 8 * dtype.itemsize)
+    return words.astype(np.dtype(f"u{dtype.itemsize}")).view(dtype)
+  if dtype_name is not None:
+    dtype = np_dtype(dtype_name)
+    buf = bufs.next()
     if buf.size != count * dtype.itemsize:
       raise ValueError(f"a raw {dtype} stream of {count} entries has {buf.size} bytes.")
     return buf.view(dtype).copy()
-  if coding == "packed":
-    return _bits.unpack(buf, node["bits"], count) + node["offset"]
-  if coding == "huffman":
-    table = bufs[node["buf"] + "h"]
-    return _bits.huffman_decode(buf, table, count, node["alphabet"]) + node["offset"]
-  raise ValueError(f"unknown symbol coding {coding!r}.")
+  offset = int(offset or 0)
+  if kind == "u":
+    return _bits.unpack(bufs.next(), int(n), count) + offset
+  table = bufs.next()
+  return _bits.huffman_decode(bufs.next(), table, count, int(n)) + offset
 
 
 # --------------------------------------------------------------------------
@@ -155,24 +213,22 @@ def _layouts(kept: np.ndarray, nm: tuple[int, int, int] | None, huffman: bool):
   flat = kept.reshape(-1)
   count = int(flat.sum())
   if count == size:
-    return [(0, "flat", lambda bufs, name: {"type": "dense"})]
-  out = []
-  out.append(
-      (
-          _bits.packed_bytes(size, 1),
-          "flat",
-          lambda bufs, name: _put(bufs, name, _bits.pack(flat, 1), {"type": "bitmask"}),
-      )
-  )
+    return [(0, "flat", lambda bufs: "dense")]
+
+  def write_bitmask(bufs):
+    bufs.append(_bits.pack(flat, 1))
+    return "bitmask"
+
+  out = [(_bits.packed_bytes(size, 1), "flat", write_bitmask)]
   rows, cols = _matrix_shape(kept.shape)
   if size:
     per_row = flat.reshape(rows, cols).sum(1)
     cidx = np.flatnonzero(flat) % cols
     wc, wr = _bits.width(cols), _bits.width(cols + 1)
 
-    def write_csr(bufs, name):
-      bufs[name + "r"] = _bits.pack(per_row, wr)
-      return _put(bufs, name, _bits.pack(cidx, wc), {"type": "csr"})
+    def write_csr(bufs):
+      bufs += [_bits.pack(per_row, wr), _bits.pack(cidx, wc)]
+      return "csr"
 
     out.append((_bits.packed_bytes(rows, wr) + _bits.packed_bytes(count, wc), "flat", write_csr))
   if nm is not None:
@@ -180,54 +236,63 @@ def _layouts(kept: np.ndarray, nm: tuple[int, int, int] | None, huffman: bool):
     if pos is not None:
       n, m, axis = nm
       wm = _bits.width(m)
-      out.append(
-          (
-              _bits.packed_bytes(pos.size, wm),
-              "moved",
-              lambda bufs, name: _put(
-                  bufs, name, _bits.pack(pos, wm), {"type": "nm", "n": n, "m": m, "axis": axis}
-              ),
-          )
-      )
+
+      def write_nm(bufs):
+        bufs.append(_bits.pack(pos, wm))
+        return f"nm{n}/{m}@{axis}"
+
+      out.append((_bits.packed_bytes(pos.size, wm), "moved", write_nm))
   if count and 2 * count <= size:  # runs lose to a bitmask above half density
     for p in range(1, 9):
       runs = _runs(flat, p)
       stream = _int_stream(runs, 0, (1 << p) - 1, huffman)
 
-      def write_runs(bufs, name, runs=runs, stream=stream, p=p):
-        return {"type": "runs", "p": p, "count": int(runs.size), "runs": stream.write(bufs, name)}
+      def write_runs(bufs, runs=runs, stream=stream, p=p):
+        return f"runs{p}x{runs.size}({stream.write(bufs)})"
 
       out.append((stream.nbytes, "flat", write_runs))
   return out
 
 
-def _read_kept(layout: dict, bufs: Buffers, shape: tuple[int, ...]) -> np.ndarray:
-  """The bool mask of stored entries (in the layout's own axis order for ``nm``)."""
+_LAYOUT = re.compile(r"(dense|bitmask|csr)$|nm(\d+)/(\d+)@(\d+)$|runs(\d+)x(\d+)\((.*)\)$")
+
+
+def _parse_layout(desc: str) -> re.Match:
+  m = _LAYOUT.match(desc)
+  if m is None:
+    raise ValueError(f"unknown layout {desc!r}.")
+  return m
+
+
+def _read_kept(desc: str, bufs: Reader, shape: tuple[int, ...]) -> np.ndarray:
+  """The bool mask of stored entries (moved axis last for ``nm``)."""
   size = math.prod(shape)
-  kind = layout["type"]
-  if kind == "dense":
+  simple, n, m, axis, p, count, runs_desc = _parse_layout(desc).groups()
+  if simple == "dense":
     return np.ones(shape, bool)
-  if kind == "bitmask":
-    return _bits.unpack(bufs[layout["buf"]], 1, size).astype(bool).reshape(shape)
-  if kind == "csr":
+  if simple == "bitmask":
+    return _bits.unpack(bufs.next(), 1, size).astype(bool).reshape(shape)
+  if simple == "csr":
     rows, cols = _matrix_shape(shape)
-    per_row = _bits.unpack(bufs[layout["buf"] + "r"], _bits.width(cols + 1), rows)
+    per_row = _bits.unpack(bufs.next(), _bits.width(cols + 1), rows)
     if np.any(per_row > cols):
       raise ValueError("a CSR row count exceeds the number of columns.")
-    count = int(per_row.sum())
-    cidx = _bits.unpack(bufs[layout["buf"]], _bits.width(cols), count)
+    total = int(per_row.sum())
+    cidx = _bits.unpack(bufs.next(), _bits.width(cols), total)
     if np.any(cidx >= cols):
       raise ValueError("a CSR column index is out of range.")
     kept = np.zeros((rows, cols), bool)
     kept[np.repeat(np.arange(rows), per_row), cidx] = True
-    if int(kept.sum()) != count:
+    if int(kept.sum()) != total:
       raise ValueError("CSR column indices repeat within a row.")
     return kept.reshape(shape)
-  if kind == "nm":
-    n, m, axis = layout["n"], layout["m"], layout["axis"]
+  if n is not None:
+    n, m, axis = int(n), int(m), int(axis)
+    if axis >= len(shape) or shape[axis] % m or not 1 <= n <= m:
+      raise ValueError(f"layout {desc!r} does not fit shape {shape}.")
     moved_shape = shape[:axis] + shape[axis + 1 :] + (shape[axis],)
     groups = moved_shape[:-1] + (moved_shape[-1] // m, m)
-    pos = _bits.unpack(bufs[layout["buf"]], _bits.width(m), math.prod(groups[:-1]) * n)
+    pos = _bits.unpack(bufs.next(), _bits.width(m), math.prod(groups[:-1]) * n)
     if np.any(pos >= m):
       raise ValueError("an N:M position is out of its group.")
     kept = np.zeros(groups, bool)
@@ -235,19 +300,16 @@ def _read_kept(layout: dict, bufs: Buffers, shape: tuple[int, ...]) -> np.ndarra
     if np.any(kept.sum(-1) != n):
       raise ValueError("N:M positions repeat within a group.")
     return kept.reshape(moved_shape)
-  if kind == "runs":
-    p = layout["p"]
-    escape = (1 << p) - 1
-    runs = _read_stream(layout["runs"], bufs, layout["count"])
-    adv = np.where(runs == escape, escape, runs + 1)
-    ends = np.cumsum(adv)
-    pos = ends[runs != escape] - 1
-    if pos.size and pos[-1] >= size:
-      raise ValueError("a relative index points past the end of the array.")
-    kept = np.zeros(size, bool)
-    kept[pos] = True
-    return kept.reshape(shape)
-  raise ValueError(f"unknown layout {kind!r}.")
+  p = int(p)
+  escape = (1 << p) - 1
+  runs = _read_stream(runs_desc, bufs, int(count))
+  adv = np.where(runs == escape, escape, runs + 1)
+  pos = np.cumsum(adv)[runs != escape] - 1
+  if pos.size and (pos[-1] >= size or runs.max() > escape):
+    raise ValueError("a relative index points past the end of the array.")
+  kept = np.zeros(size, bool)
+  kept[pos] = True
+  return kept.reshape(shape)
 
 
 # --------------------------------------------------------------------------
@@ -264,7 +326,6 @@ def nonfill(x: np.ndarray, fill: Any) -> np.ndarray:
 
 def store(
     bufs: Buffers,
-    name: str,
     x: np.ndarray,
     *,
     fill: Any = 0,
@@ -273,24 +334,24 @@ def store(
     nm: tuple[int, int, int] | None = None,
     huffman: bool = False,
     dense: bool = False,
-) -> dict:
-  """Stores ``x`` in the smallest layout and symbol stream; returns its JSON node.
+) -> str:
+  """Stores ``x`` in the smallest layout and symbol stream; returns its descriptor.
 
   Args:
-    bufs: the leaf's buffers, written to.
-    name: prefix of this array's buffer names.
+    bufs: the leaf's buffers, appended to.
     x: the array: integers (then ``int_range`` gives the symbol range) or floats
       (stored raw in their dtype).
     fill: the value of every entry a sparse layout does not store.
     int_range: ``(lo, hi)``, the range of integer symbols.
-    kept: a mask of entries a structure keeps (a pruning mask); used as an extra
-      candidate (for ``nm``) when every non-fill entry lies inside it.
+    kept: a mask of entries a structure keeps (a pruning mask): when every
+      non-fill entry lies inside it and it is exactly N:M (``nm``), the N:M
+      layout is used.
     nm: ``(n, m, axis)`` of an N:M structure, with ``kept``.
     huffman: allow Huffman-coded streams.
     dense: store every entry (small arrays: scales, codebooks).
 
   Returns:
-    ``{"shape", "fill", "layout", "values"}``.
+    The descriptor ``layout:stream``.
   """
   x = np.asarray(x)
   is_int = int_range is not None
@@ -298,15 +359,21 @@ def store(
   candidates = [(everything, None)]
   if not dense:
     needed = nonfill(x, fill)
-    if kept is not None and nm is not None:  # first: an N:M layout wins ties
+    structured = False
+    if kept is not None and nm is not None:
       kept = np.asarray(kept, bool)
-      if kept.shape == x.shape and not np.any(needed & ~kept):
-        candidates.append((kept, nm))
-    if not needed.all():
+      if kept.shape == x.shape and not np.any(needed & ~kept) and _nm_positions(kept, nm) is not None:
+        # An N:M-pruned array keeps the N:M layout (what sparse kernels read): its
+        # positions cost no more than a bit mask; at most kept zeros are stored.
+        candidates = [(kept, nm)]
+        structured = True
+    if not structured and not needed.all():
       candidates.append((needed, None))
   best = None
   for mask, structure in candidates:
     for pos_bytes, order, write_layout in _layouts(mask, structure, huffman):
+      if structure is not None and order != "moved":
+        continue
       if order == "moved":
         axis = structure[2]
         symbols = np.moveaxis(x, axis, -1)[np.moveaxis(mask, axis, -1)]
@@ -323,50 +390,29 @@ def store(
       if best is None or total < best[0]:
         best = (total, write_layout, stream)
   _, write_layout, stream = best
-  layout = write_layout(bufs, name + "p")
-  fill_json = int(fill) if is_int else 0.0
-  return {"shape": list(x.shape), "fill": fill_json, "layout": layout, "values": stream.write(bufs, name)}
+  layout = write_layout(bufs)
+  return f"{layout}:{stream.write(bufs)}"
 
 
-def load(node: dict, bufs: Buffers, dtype: np.dtype | None = None) -> np.ndarray:
+def load(desc: str, bufs: Reader, shape: tuple[int, ...], fill: Any = 0) -> np.ndarray:
   """The array ``store`` wrote: int64 for integer symbols, else the raw stream's dtype.
 
   Args:
-    node: the node ``store`` returned.
-    bufs: the leaf's buffers.
-    dtype: for float arrays, the dtype to expect (checked against the stream).
+    desc: the descriptor ``store`` returned.
+    bufs: the leaf's buffers, read in order.
+    shape: the array's shape.
+    fill: the value of entries the layout does not store.
 
   Returns:
     The dense array.
   """
-  shape = tuple(node["shape"])
-  layout = node["layout"]
+  layout, sep, stream = desc.rpartition(":")
+  if not sep:
+    raise ValueError(f"an array descriptor needs a layout and a stream, got {desc!r}.")
   kept = _read_kept(layout, bufs, shape)
-  values = _read_stream(node["values"], bufs, int(kept.sum()))
-  if dtype is not None and values.dtype != dtype:
-    raise ValueError(f"expected a {dtype} array, the stored stream holds {values.dtype}.")
-  out = np.full(kept.shape, node["fill"], values.dtype)
+  values = _read_stream(stream, bufs, int(kept.sum()))
+  out = np.full(kept.shape, fill, values.dtype)
   out[kept] = values
-  if layout["type"] == "nm":
-    out = np.moveaxis(out, -1, layout["axis"])
+  if layout.startswith("nm"):
+    out = np.moveaxis(out, -1, int(_parse_layout(layout).group(4)))
   return out.reshape(shape)
-
-
-def describe(node: dict) -> str:
-  """A short name of an array node, e.g. ``nm2:4 packed4`` or ``runs5 huffman``."""
-  layout = node["layout"]
-  kind = layout["type"]
-  if kind == "nm":
-    pos = f"nm{layout['n']}:{layout['m']}"
-  elif kind == "runs":
-    pos = f"runs{layout['p']}" + ("h" if layout["runs"]["coding"] == "huffman" else "")
-  else:
-    pos = kind
-  v = node["values"]
-  if v["coding"] == "packed":
-    val = f"int{v['bits']}"
-  elif v["coding"] == "huffman":
-    val = "huffman"
-  else:
-    val = v["dtype"]
-  return val if kind == "dense" else f"{val} {pos}"

@@ -34,11 +34,13 @@ class LeafRecord:
 
   Attributes:
     path: the leaf path (``Dense_0/kernel``).
-    chain: the stages that compressed it (``spec.describe``'s one-liners);
-      empty for a leaf no rule selects.
+    chain: the names of the stages that compressed it, in order (``("Prune",
+      "FakeQuant")``); empty for a leaf no rule selects.
     shape: the leaf's shape.
     dtype: the leaf's dtype name (what ``decode`` gives).
-    encoding: a short name of the stored form, e.g. ``int4 per-channel: int4``.
+    encoding: the stored form, e.g. ``int4 channel@-1 dense:u4-8`` (int4 codes,
+      per-channel scales) or ``codebook32 runs5x900(h32):h32``; it says all a
+      decoder needs besides the bytes (``jaxcompress.export.encodings``).
     nbytes: bytes stored for the leaf (every buffer: values, positions,
       scales, codebooks, Huffman tables).
     crc32: CRC-32 of the stored bytes, 8 hex digits.
@@ -62,31 +64,29 @@ class LeafRecord:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EncodedLeaf:
-  """One stored leaf: its manifest record, its decode node and its buffers.
+  """One stored leaf: its manifest record and its buffers.
 
   Attributes:
-    record: the ``LeafRecord``.
-    node: the JSON description of how to decode the buffers.
-    buffers: ``{name: uint8 array}``, in storage order.
+    record: the ``LeafRecord``; ``record.encoding`` says how to decode the buffers.
+    buffers: ``uint8`` arrays, in storage order.
   """
 
   record: LeafRecord
-  node: dict
-  buffers: dict[str, np.ndarray]
+  buffers: tuple[np.ndarray, ...]
 
   def blob(self) -> np.ndarray:
-    """The buffers concatenated in storage order (what goes to disk)."""
+    """The buffers back to back (what goes to disk)."""
     if not self.buffers:
       return np.zeros(0, np.uint8)
-    return np.concatenate([b.reshape(-1) for b in self.buffers.values()]).astype(np.uint8)
+    return np.concatenate([b.reshape(-1) for b in self.buffers]).astype(np.uint8)
 
   def decode(self) -> jax.Array:
-    """The leaf's float value."""
+    """The leaf's value."""
     r = self.record
     try:
-      out = _enc.decode_node(self.node, self.buffers)
+      out = _enc.decode(r.encoding, list(self.buffers), r.shape, r.dtype)
     except (KeyError, TypeError, IndexError, ValueError) as e:
-      raise ValueError(f"leaf {r.path!r} cannot be decoded, the artifact is corrupted: {e!r}") from None
+      raise ValueError(f"leaf {r.path!r} cannot be decoded, the artifact is corrupted: {e}") from None
     if tuple(out.shape) != r.shape or np.dtype(out.dtype).name != r.dtype:
       raise ValueError(
           f"leaf {r.path!r} decodes to shape {tuple(out.shape)} {out.dtype}, but the manifest "
@@ -99,11 +99,10 @@ class EncodedLeaf:
     entry = {
         "path": r.path, "chain": list(r.chain), "shape": list(r.shape), "dtype": r.dtype,
         "encoding": r.encoding, "bytes": r.nbytes, "crc32": r.crc32,
+        "buffers": [int(b.size) for b in self.buffers],
     }
     if r.fallback is not None:
       entry["fallback"] = r.fallback
-    entry["buffers"] = [[k, int(v.size)] for k, v in self.buffers.items()]
-    entry["node"] = self.node
     return entry
 
 
@@ -163,7 +162,7 @@ class Artifact:
     head = ("path", "shape", "stages", "encoding", "dense B", "stored B", "ratio")
     rows = [head]
     for r in self.records:
-      stages = " -> ".join(s.split("(")[0] for s in r.chain) or "-"
+      stages = " -> ".join(r.chain) or "-"
       enc = r.encoding if r.fallback is None else f"{r.encoding} (float fallback)"
       rows.append((r.path, str(r.shape), stages, enc, str(r.float_nbytes), str(r.nbytes),
                    f"{r.float_nbytes / max(r.nbytes, 1):.1f}x"))
@@ -239,15 +238,16 @@ def _stage_encodings(rule, t: Any, s: LeafState, path: str) -> _enc.Encoding:
 
 
 def _leaf(path, chain, reference, encoding, huffman, fallback=None) -> EncodedLeaf:
-  bufs: dict[str, np.ndarray] = {}
-  node = encoding.write(bufs, "", huffman)
-  blob = np.concatenate([b for b in bufs.values()]) if bufs else np.zeros(0, np.uint8)
+  bufs: list[np.ndarray] = []
+  desc = encoding.write(bufs, huffman)
+  bufs = [np.asarray(b, np.uint8).reshape(-1) for b in bufs]
+  blob = np.concatenate(bufs) if bufs else np.zeros(0, np.uint8)
   record = LeafRecord(
       path=path, chain=chain, shape=tuple(reference.shape), dtype=reference.dtype.name,
-      encoding=_enc.describe_node(node), nbytes=int(blob.size),
-      crc32=f"{zlib.crc32(blob.tobytes()):08x}", fallback=fallback,
+      encoding=desc, nbytes=int(blob.size), crc32=f"{zlib.crc32(blob.tobytes()):08x}",
+      fallback=fallback,
   )
-  return EncodedLeaf(record, node, bufs)
+  return EncodedLeaf(record, tuple(bufs))
 
 
 def export(
@@ -330,7 +330,7 @@ def export(
       out.append(_leaf(path, (), ref, _enc.Plain(ref), huffman))
       continue
     rule = spec.rules[s.rule]
-    chain = tuple(stage.describe() for stage in rule.stages)
+    chain = tuple(type(stage).__name__ for stage in rule.stages)
     try:
       encoding = _stage_encodings(rule, t, s, path)
     except LookupError as e:
@@ -345,6 +345,9 @@ def export(
                        fallback=f"no encoder for {e.args[0]}"))
       continue
     leaf = _leaf(path, chain, ref, encoding, huffman)
+    if leaf.record.nbytes > ref.nbytes:  # a tiny leaf: its codebook or scales outweigh it
+      out.append(_leaf(path, chain, ref, _enc.Plain(ref), huffman))
+      continue
     got = np.asarray(leaf.decode())
     if not _same_bits(got, ref):
       differ = int(np.sum(~((got == ref) | (np.isnan(got.astype(np.float32)) & np.isnan(ref.astype(np.float32))))))

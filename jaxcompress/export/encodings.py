@@ -15,16 +15,22 @@ its params and state, the value it gives, and the encoding of the value it got
 - ``Factorized``: low-rank factors, each itself encoded by the stages after
   the factorization.
 
-Every encoding becomes a JSON node plus ``uint8`` buffers; ``decode_node``
-rebuilds the float array from them with the same operations, in the same
-order and dtype, as the stage's ``apply``, so the result is bit for bit what
-``spec.apply`` gives. Encoders are looked up by stage type (subclasses
+Every encoding becomes ``uint8`` buffers and a descriptor, a short string that
+names the stored form and is all a decoder needs besides the buffers (e.g.
+``int4 channel@-1 dense:float32 nm2/4@0:u4-8`` (format, granularity, scales,
+codes), ``codebook32 dense:xfloat32 runs3x3706(h8):h32`` (codebook, indices),
+``svd[16x4 int8 channel@-1 ...][4x32 ...]``; see ``jaxcompress.export.arrays``
+for the ``layout:stream`` part). ``decode`` rebuilds the float array from them
+with the same operations, in the same order and dtype, as the stage's
+``apply``, so the result is bit for bit what ``spec.apply`` gives. Encoders are looked up by stage type (subclasses
 included); ``register_encoder`` adds one for a stage of your own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -37,10 +43,11 @@ from jaxcompress import prune as _prune
 from jaxcompress import quant as _quant
 from jaxcompress.core.stage import Stage
 from jaxcompress.export import arrays as _arrays
+from jaxcompress.export import bits as _bits
 from jaxcompress.quant import calibration as _cal
 from jaxcompress.quant import numerics as _num
 
-Buffers = dict[str, np.ndarray]
+Buffers = list[np.ndarray]
 
 
 # --------------------------------------------------------------------------
@@ -49,9 +56,9 @@ Buffers = dict[str, np.ndarray]
 
 
 class Encoding:
-  """Base class of leaf encodings: ``write`` stores it and returns its JSON node."""
+  """Base class of leaf encodings: ``write`` appends its buffers and returns its descriptor."""
 
-  def write(self, bufs: Buffers, name: str, huffman: bool) -> dict:
+  def write(self, bufs: Buffers, huffman: bool) -> str:
     raise NotImplementedError
 
 
@@ -67,21 +74,19 @@ class Plain(Encoding):
 
   Example:
     >>> import numpy as np
-    >>> from jaxcompress.export.encodings import Plain, decode_node
-    >>> bufs = {}
-    >>> node = Plain(np.array([0.0, 2.5, 0.0, 0.0], np.float32)).write(bufs, "", False)
-    >>> decode_node(node, bufs).tolist()
-    [0.0, 2.5, 0.0, 0.0]
+    >>> from jaxcompress.export.encodings import Plain, decode
+    >>> bufs = []
+    >>> desc = Plain(np.array([0.0, 2.5, 0.0, 0.0], np.float32)).write(bufs, False)
+    >>> desc, decode(desc, bufs, (4,), "float32").tolist()
+    ('plain bitmask:float32', [0.0, 2.5, 0.0, 0.0])
   """
 
   values: np.ndarray
   kept: np.ndarray | None = None
   nm: tuple[int, int, int] | None = None
 
-  def write(self, bufs, name, huffman):
-    x = np.asarray(self.values)
-    array = _arrays.store(bufs, name, x, fill=0, kept=self.kept, nm=self.nm)
-    return {"kind": "plain", "dtype": x.dtype.name, "array": array}
+  def write(self, bufs, huffman):
+    return "plain " + _arrays.store(bufs, np.asarray(self.values), fill=0, kept=self.kept, nm=self.nm)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -100,37 +105,31 @@ class Quantized(Encoding):
   kept: np.ndarray | None = None
   nm: tuple[int, int, int] | None = None
 
-  def write(self, bufs, name, huffman):
+  def write(self, bufs, huffman):
     q = self.qarray
     fmt = q.fmt
-    values = np.asarray(q.values)
-    zp = None if q.zero_point is None else np.asarray(q.zero_point).astype(np.int64)
-    node: dict[str, Any] = {
-        "kind": "quant",
-        "dtype": np.dtype(q.dtype).name,
-        "format": {"dtype": fmt.dtype, "bits": fmt.bits, "symmetric": fmt.symmetric,
-                   "narrow_range": fmt.narrow_range},
-        "granularity": granularity_to_json(q.granularity),
-        "scale": _arrays.store(bufs, name + "s", np.asarray(q.scale, np.float32), dense=True),
-    }
-    if zp is not None:
-      node["zero_point"] = _arrays.store(
-          bufs, name + "z", zp, int_range=(int(fmt.qmin), int(fmt.qmax)), dense=True
-      )
     if fmt.is_float:
-      node["codes"] = _arrays.store(bufs, name, values, fill=0, kept=self.kept, nm=self.nm)
-      return node
-    codes = values.astype(np.int64)
+      head = fmt.dtype
+    else:
+      head = f"int{fmt.bits}" + ("n" if fmt.narrow_range else "") + ("" if fmt.symmetric else "+zp")
+    words = [head, granularity_name(q.granularity)]
+    words.append(_arrays.store(bufs, np.asarray(q.scale, np.float32), dense=True))
+    values = np.asarray(q.values)
+    if fmt.is_float:
+      return " ".join(words + [_arrays.store(bufs, values, fill=0, kept=self.kept, nm=self.nm)])
     lo, hi = int(fmt.qmin), int(fmt.qmax)
-    if zp is not None and self.kept is not None:
-      # Codes relative to the zero point: a pruned entry is 0, so it need not be stored.
-      codes = codes - np.asarray(_num.expand_scale(zp, codes.shape, q.granularity)).astype(np.int64)
-      lo, hi = lo - hi, hi - lo
-      node["relative"] = True
-    node["codes"] = _arrays.store(
-        bufs, name, codes, fill=0, int_range=(lo, hi), kept=self.kept, nm=self.nm, huffman=huffman
-    )
-    return node
+    codes = values.astype(np.int64)
+    if q.zero_point is not None:
+      zp = np.asarray(q.zero_point).astype(np.int64)
+      bufs.append(_bits.pack(zp - lo, _bits.width(hi - lo + 1)))
+      if self.kept is not None:
+        # Codes relative to the zero point: a pruned entry is 0, so it need not be stored.
+        codes = codes - np.asarray(_num.expand_scale(zp, codes.shape, q.granularity)).astype(np.int64)
+        lo, hi = lo - hi, hi - lo
+        words.append("rel")
+    array = _arrays.store(bufs, codes, fill=0, int_range=(lo, hi), kept=self.kept, nm=self.nm,
+                          huffman=huffman)
+    return " ".join(words + [array])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,17 +150,24 @@ class Clustered(Encoding):
   kept: np.ndarray | None = None
   nm: tuple[int, int, int] | None = None
 
-  def write(self, bufs, name, huffman):
-    k = self.codebook.shape[-1]
-    return {
-        "kind": "codebook",
-        "channel_axis": self.channel_axis,
-        "codebook": _arrays.store(bufs, name + "c", np.asarray(self.codebook), dense=True),
-        "indices": _arrays.store(
-            bufs, name, np.asarray(self.indices, np.int64), fill=-1, int_range=(-1, k - 1),
-            kept=self.kept, nm=self.nm, huffman=huffman,
-        ),
-    }
+  def write(self, bufs, huffman):
+    codebook = np.asarray(self.codebook)
+    indices = np.asarray(self.indices, np.int64)
+    if self.channel_axis is None:
+      # Keep only the centroids in use, sorted by value (neighbours then share their
+      # leading bits, which the XOR coding of the codebook saves); same values, renumbered.
+      used = np.unique(indices[indices >= 0])
+      order = used[np.argsort(codebook[used].astype(np.float64), kind="stable")]
+      codebook = codebook[order]
+      rank = np.zeros(max(int(used.max(initial=0)) + 1, 1), np.int64)
+      rank[order] = np.arange(order.size)
+      indices = np.where(indices >= 0, rank[np.maximum(indices, 0)], -1)
+    k = codebook.shape[-1]
+    book = _arrays.store(bufs, codebook, dense=True)
+    array = _arrays.store(bufs, indices, fill=-1, int_range=(-1, max(k - 1, 0)), kept=self.kept,
+                          nm=self.nm, huffman=huffman)
+    axis = "" if self.channel_axis is None else f"@{self.channel_axis}"
+    return f"codebook{k}{axis} {book} {array}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -179,12 +185,23 @@ class Factorized(Encoding):
   parts: tuple[Encoding, ...]
   shape: tuple[int, ...]
 
-  def write(self, bufs, name, huffman):
-    names = _FACTOR_PARTS[self.kind]
-    node = {"kind": self.kind, "shape": list(self.shape)}
-    for part_name, part in zip(names, self.parts):
-      node[part_name] = part.write(bufs, name + part_name + ".", huffman)
-    return node
+  def write(self, bufs, huffman):
+    parts = []
+    for part in self.parts:
+      shape = "x".join(str(d) for d in part_shape(part))
+      parts.append(f"[{shape} {part.write(bufs, huffman)}]")
+    return self.kind + "".join(parts)
+
+
+def part_shape(encoding: Encoding) -> tuple[int, ...]:
+  """The shape of the array an encoding stands for."""
+  if isinstance(encoding, Plain):
+    return tuple(np.shape(encoding.values))
+  if isinstance(encoding, Quantized):
+    return tuple(encoding.qarray.shape)
+  if isinstance(encoding, Clustered):
+    return tuple(np.shape(encoding.indices))
+  raise TypeError(f"{type(encoding).__name__} cannot be a factor.")
 
 
 _FACTOR_PARTS = {"svd": ("u", "v"), "tucker2": ("core", "u_in", "u_out")}
@@ -195,26 +212,29 @@ _FACTOR_PARTS = {"svd": ("u", "v"), "tucker2": ("core", "u_in", "u_out")}
 # --------------------------------------------------------------------------
 
 
-def granularity_to_json(g: _num.Granularity) -> dict:
-  """A granularity as a JSON-able dict (``PerTensor``, ``PerChannel``, ``PerGroup``)."""
+def granularity_name(g: _num.Granularity) -> str:
+  """``tensor``, ``channel@-1`` (``channel@0,1``) or ``group32@-2``."""
   if isinstance(g, _num.PerTensor):
-    return {"type": "tensor"}
+    return "tensor"
   if isinstance(g, _num.PerChannel):
-    return {"type": "channel", "axis": list(g.axis) if isinstance(g.axis, tuple) else g.axis}
+    axes = g.axis if isinstance(g.axis, tuple) else (g.axis,)
+    return "channel@" + ",".join(str(int(a)) for a in axes)
   if isinstance(g, _num.PerGroup):
-    return {"type": "group", "size": g.size, "axis": g.axis}
+    return f"group{int(g.size)}@{int(g.axis)}"
   raise TypeError(f"granularity {g!r} has no stored form; use PerTensor, PerChannel or PerGroup.")
 
 
-def granularity_from_json(d: dict) -> _num.Granularity:
-  if d["type"] == "tensor":
+def granularity_from_name(name: str) -> _num.Granularity:
+  if name == "tensor":
     return _num.PerTensor()
-  if d["type"] == "channel":
-    axis = d["axis"]
-    return _num.PerChannel(axis=tuple(axis) if isinstance(axis, list) else axis)
-  if d["type"] == "group":
-    return _num.PerGroup(size=d["size"], axis=d["axis"])
-  raise ValueError(f"unknown granularity {d!r}.")
+  m = re.fullmatch(r"channel@(-?\d+(?:,-?\d+)*)", name)
+  if m:
+    axes = tuple(int(a) for a in m.group(1).split(","))
+    return _num.PerChannel(axis=axes[0] if len(axes) == 1 else axes)
+  m = re.fullmatch(r"group(\d+)@(-?\d+)", name)
+  if m:
+    return _num.PerGroup(size=int(m.group(1)), axis=int(m.group(2)))
+  raise ValueError(f"unknown granularity {name!r}.")
 
 
 # --------------------------------------------------------------------------
@@ -222,85 +242,121 @@ def granularity_from_json(d: dict) -> _num.Granularity:
 # --------------------------------------------------------------------------
 
 
-def decode_node(node: dict, bufs: Buffers) -> jax.Array:
-  """The float array of a node, computed as the stage's ``apply`` computes it.
+_QUANT = re.compile(r"(int(\d)(n?)(\+zp)?|float8_e4m3fn|float8_e5m2)$")
+_CODEBOOK = re.compile(r"codebook(\d+)(?:@(\d+))?$")
+
+
+def _split_parts(desc: str) -> list[str]:
+  """``kind[a][b]`` -> ``[a, b]`` (brackets nest)."""
+  parts, depth, start = [], 0, None
+  for i, c in enumerate(desc):
+    if c == "[":
+      depth += 1
+      if depth == 1:
+        start = i + 1
+    elif c == "]":
+      depth -= 1
+      if depth == 0:
+        parts.append(desc[start:i])
+      elif depth < 0:
+        break
+  if depth:
+    raise ValueError(f"unbalanced brackets in {desc!r}.")
+  return parts
+
+
+def decode(desc: str, buffers: list[np.ndarray], shape: tuple[int, ...], dtype: str) -> jax.Array:
+  """The float array an encoding describes, computed as the stage's ``apply`` computes it.
 
   Args:
-    node: a node written by an encoding's ``write``.
-    bufs: the leaf's buffers.
+    desc: the encoding's descriptor (the manifest's ``encoding``).
+    buffers: the leaf's buffers, in order.
+    shape: the array's shape.
+    dtype: the array's dtype name.
 
   Returns:
     A ``jax.Array``.
   """
-  kind = node["kind"]
-  if kind == "plain":
-    dtype = _arrays.np_dtype(node["dtype"])
-    return jnp.asarray(_arrays.load(node["array"], bufs, dtype))
-  if kind == "quant":
-    f = node["format"]
-    fmt = _num.Format(dtype=f["dtype"], bits=f["bits"], symmetric=f["symmetric"],
-                      narrow_range=f["narrow_range"])
-    gran = granularity_from_json(node["granularity"])
-    scale = jnp.asarray(_arrays.load(node["scale"], bufs, np.dtype(np.float32)))
-    zp = None
-    if "zero_point" in node:
-      zp_np = _arrays.load(node["zero_point"], bufs)
-      zp = jnp.asarray(zp_np.astype(np.int8)).astype(fmt.storage_dtype)
-    codes = _arrays.load(node["codes"], bufs)
-    shape = codes.shape
-    if fmt.is_float:
-      values = jnp.asarray(codes.astype(fmt.storage_dtype))
-    else:
-      if node.get("relative"):
-        codes = codes + np.asarray(_num.expand_scale(zp_np, shape, gran)).astype(np.int64)
-      if codes.size and (codes.min() < fmt.qmin or codes.max() > fmt.qmax):
-        raise ValueError(f"quantization codes fall outside [{fmt.qmin}, {fmt.qmax}].")
-      values = jnp.asarray(codes.astype(np.int8)).astype(fmt.storage_dtype)
-    q = _num.QArray(values, scale, zp, fmt, gran, _arrays.np_dtype(node["dtype"]))
-    return _num.dequantize(q)
-  if kind == "codebook":
-    codebook = jnp.asarray(_arrays.load(node["codebook"], bufs))
-    idx = _arrays.load(node["indices"], bufs)
-    k = codebook.shape[-1]
-    if idx.size and idx.max() >= k:
-      raise ValueError(f"a cluster index is {int(idx.max())}, the codebook has {k} entries.")
+  reader = _arrays.Reader(buffers)
+  out = _decode(desc, reader, tuple(shape), _arrays.np_dtype(dtype))
+  reader.done()
+  return out
+
+
+def _decode(desc: str, bufs: _arrays.Reader, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
+  head, _, rest = desc.partition(" ")
+  if head == "plain":
+    x = _arrays.load(rest, bufs, shape, fill=0)
+    if x.dtype != dtype:
+      raise ValueError(f"a {dtype} array stores {x.dtype} values.")
+    return jnp.asarray(x)
+  if head in _FACTOR_PARTS or head.startswith(tuple(k + "[" for k in _FACTOR_PARTS)):
+    kind = head.split("[")[0]
+    parts = []
+    for part in _split_parts(desc):
+      dims, _, sub = part.partition(" ")
+      parts.append(_decode(sub, bufs, tuple(int(d) for d in dims.split("x")), dtype))
+    if len(parts) != len(_FACTOR_PARTS[kind]):
+      raise ValueError(f"{kind} needs {len(_FACTOR_PARTS[kind])} factors, got {len(parts)}.")
+    if kind == "svd":
+      return _lowrank.Factors(parts[0], parts[1], shape).materialize()
+    return _lowrank.Tucker2Factors(*parts).materialize()
+  m = _CODEBOOK.match(head)
+  if m:
+    k = int(m.group(1))
+    axis = None if m.group(2) is None else int(m.group(2))
+    book_shape = (k,) if axis is None else (shape[axis], k)
+    book, _, rest = rest.partition(" ")
+    codebook = _arrays.load(book, bufs, book_shape)
+    if codebook.dtype != dtype:
+      raise ValueError(f"a {dtype} leaf has a {codebook.dtype} codebook.")
+    codebook = jnp.asarray(codebook)
+    idx = _arrays.load(rest, bufs, shape, fill=-1)
+    if idx.size and (idx.max() >= k or idx.min() < -1):
+      raise ValueError(f"a cluster index lies outside the codebook of {k} entries.")
+    if k == 0:  # every entry is zero
+      return jnp.zeros(shape, dtype)
     nonzero = jnp.asarray(idx >= 0)
     a = jnp.asarray(np.maximum(idx, 0).astype(np.int32))
-    axis = node["channel_axis"]
     if axis is not None:
       channel = jax.lax.broadcasted_iota(jnp.int32, a.shape, axis)
       a = channel * k + a
     shared = codebook.reshape(-1)[a]
     return jnp.where(nonzero, shared, jnp.zeros(a.shape, codebook.dtype))
-  if kind == "svd":
-    u, v = (decode_node(node[p], bufs) for p in _FACTOR_PARTS["svd"])
-    return _lowrank.Factors(u, v, tuple(node["shape"])).materialize()
-  if kind == "tucker2":
-    core, u_in, u_out = (decode_node(node[p], bufs) for p in _FACTOR_PARTS["tucker2"])
-    return _lowrank.Tucker2Factors(core, u_in, u_out).materialize()
-  raise ValueError(f"unknown encoding kind {kind!r}.")
-
-
-def describe_node(node: dict) -> str:
-  """A short name of a node's encoding, e.g. ``int4 nm2:4 + scales``."""
-  kind = node["kind"]
-  if kind == "plain":
-    return _arrays.describe(node["array"])
-  if kind == "quant":
-    f = node["format"]
-    name = f["dtype"] if f["dtype"] != "int" else f"int{f['bits']}"
-    codes = _arrays.describe(node["codes"])
-    g = node["granularity"]
-    gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(g["type"], f"group{g.get('size')}")
-    zp = "+zp" if "zero_point" in node else ""
-    return f"{name}{zp} {gran}: {codes}"
-  if kind == "codebook":
-    k = node["codebook"]["shape"][-1]
-    per = "/ch" if node["channel_axis"] is not None else ""
-    return f"codebook{k}{per}: {_arrays.describe(node['indices'])}"
-  if kind in _FACTOR_PARTS:
-    return f"{kind}(" + "; ".join(describe_node(node[p]) for p in _FACTOR_PARTS[kind]) + ")"
-  return kind
+  m = _QUANT.match(head)
+  if m:
+    if m.group(2):
+      fmt = _num.Format(bits=int(m.group(2)), narrow_range=bool(m.group(3)), symmetric=not m.group(4))
+    else:
+      fmt = _num.Format(dtype=head)
+    gran_name, _, rest = rest.partition(" ")
+    gran = granularity_from_name(gran_name)
+    scale_shape = gran.scale_shape(shape)
+    scale_desc, _, rest = rest.partition(" ")
+    scale = _arrays.load(scale_desc, bufs, scale_shape)
+    if scale.dtype != np.float32:
+      raise ValueError(f"scales are float32, the stored ones are {scale.dtype}.")
+    scale = jnp.asarray(scale)
+    zp = zp_np = None
+    lo, hi = int(fmt.qmin), int(fmt.qmax)
+    if not fmt.symmetric:
+      zp_np = _bits.unpack(bufs.next(), _bits.width(hi - lo + 1), math.prod(scale_shape)) + lo
+      zp_np = zp_np.reshape(scale_shape)
+      zp = jnp.asarray(zp_np.astype(np.int8)).astype(fmt.storage_dtype)
+    relative = rest.startswith("rel ")
+    if relative:
+      rest = rest[4:]
+    codes = _arrays.load(rest, bufs, shape, fill=0)
+    if fmt.is_float:
+      values = jnp.asarray(codes.astype(fmt.storage_dtype))
+    else:
+      if relative:
+        codes = codes + np.asarray(_num.expand_scale(zp_np, shape, gran)).astype(np.int64)
+      if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(f"quantization codes fall outside [{lo}, {hi}].")
+      values = jnp.asarray(codes.astype(np.int8)).astype(fmt.storage_dtype)
+    return _num.dequantize(_num.QArray(values, scale, zp, fmt, gran, dtype))
+  raise ValueError(f"unknown encoding {desc!r}.")
 
 
 # --------------------------------------------------------------------------

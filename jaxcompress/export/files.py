@@ -1,16 +1,21 @@
 """Artifacts on disk: one safetensors file, or an Orbax checkpoint directory.
 
-safetensors: one ``uint8`` tensor per leaf, named by the leaf path, holding
-the leaf's buffers back to back; the manifest (JSON) is the file's metadata
-under the key ``jaxcompress``. The file is exactly
+safetensors: one ``uint8`` tensor, ``data``, holds every leaf's bytes
+back to back in manifest order (a tensor per leaf would cost a header entry of
+about 60 bytes each, as much as a small compressed layer); the metadata holds
+``format``, ``version`` and ``manifest``: the leaf entries of the JSON manifest
+(each leaf's ``bytes`` left out: it is the sum of its ``buffers``), compressed
+with raw deflate and base85-encoded (a manifest in plain JSON, escaped inside the
+header's JSON, would take a quarter of a Deep-Compression-sized model). ``jc.export.load(path).manifest``
+or ``read_manifest(path)`` give it as JSON. The file is exactly
 
-    8 bytes (header length) + header (tensor index and manifest) + sum of the leaves' bytes
+    8 bytes (header length) + header + the leaves' bytes (``artifact.nbytes``)
 
-so its data bytes match the manifest's accounting; the header costs about
-``100 + 60 * leaves`` bytes plus the manifest's JSON (``save`` returns both).
+and the header takes about 150 bytes plus the compressed manifest (roughly 100
+to 150 bytes per leaf); ``save`` returns the sizes.
 
 Orbax: a checkpoint directory with two items: ``data`` (one ``uint8`` array,
-the leaves' bytes in manifest order) and ``manifest`` (JSON).
+the leaves' bytes in manifest order) and ``manifest`` (plain JSON).
 
 Loading checks everything before any weight is used: the file parses, the
 format version is one this code reads, every leaf's bytes are there with the
@@ -20,6 +25,7 @@ paths, shapes and dtypes. Each failure is a ``ValueError`` that says what is wro
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
@@ -31,7 +37,7 @@ import numpy as np
 from jaxcompress.export import artifact as _art
 
 PyTree = Any
-_META_KEY = "jaxcompress"
+_TENSOR = "data"
 
 
 class SavedFile(NamedTuple):
@@ -53,8 +59,27 @@ class SavedFile(NamedTuple):
     return self.nbytes - self.data_nbytes
 
 
-def _manifest_json(artifact: _art.Artifact) -> str:
-  return json.dumps(artifact.manifest, separators=(",", ":"))
+def _data(artifact: _art.Artifact) -> np.ndarray:
+  blobs = [leaf.blob() for leaf in artifact.leaves]
+  return np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
+
+
+def _stored_leaves(artifact: _art.Artifact) -> list[dict]:
+  """The manifest's leaf entries as stored: ``bytes`` is the sum of ``buffers``."""
+  return [{k: v for k, v in e.items() if k != "bytes"} for e in artifact.manifest["leaves"]]
+
+
+def _pack_manifest(manifest: Any) -> str:
+  raw = json.dumps(manifest, separators=(",", ":")).encode()
+  deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: no zlib header
+  return base64.b85encode(deflate.compress(raw) + deflate.flush()).decode("ascii")
+
+
+def _unpack_manifest(text: str, source: str) -> Any:
+  try:
+    return json.loads(zlib.decompress(base64.b85decode(text), -15))
+  except (ValueError, zlib.error) as e:
+    raise ValueError(f"load: the manifest in {source!r} is corrupted ({e}).") from None
 
 
 def save(artifact: _art.Artifact, path: str | os.PathLike, *, format: str = "safetensors") -> SavedFile:
@@ -84,14 +109,17 @@ def save(artifact: _art.Artifact, path: str | os.PathLike, *, format: str = "saf
   if format == "safetensors":
     from safetensors.numpy import save_file
 
-    tensors = {leaf.record.path: leaf.blob() for leaf in artifact.leaves}
-    save_file(tensors, str(path), metadata={_META_KEY: _manifest_json(artifact)})
+    metadata = {
+        "format": _art.FORMAT_NAME,
+        "version": str(_art.FORMAT_VERSION),
+        "manifest": _pack_manifest(_stored_leaves(artifact)),
+    }
+    save_file({_TENSOR: _data(artifact)}, str(path), metadata=metadata)
     return SavedFile(path, path.stat().st_size, artifact.nbytes)
   if format == "orbax":
     import orbax.checkpoint as ocp
 
-    blobs = [leaf.blob() for leaf in artifact.leaves]
-    data = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
+    data = _data(artifact)
     if data.size == 0:  # Orbax does not store empty arrays
       data = np.zeros(1, np.uint8)
     ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -139,12 +167,12 @@ def load(path: str | os.PathLike, *, like: PyTree | None = None) -> _art.Artifac
   """
   path = pathlib.Path(path)
   if path.is_dir():
-    manifest, blobs = _read_orbax(path)
+    manifest, data = _read_orbax(path)
   elif path.is_file():
-    manifest, blobs = _read_safetensors(path)
+    manifest, data = _read_safetensors(path)
   else:
     raise ValueError(f"load: {str(path)!r} does not exist; give the file or directory that save wrote.")
-  artifact = _from_manifest(manifest, blobs, str(path))
+  artifact = _from_manifest(manifest, data, str(path))
   return artifact if like is None else _art.with_structure(artifact, like)
 
 
@@ -153,30 +181,41 @@ def load(path: str | os.PathLike, *, like: PyTree | None = None) -> _art.Artifac
 # --------------------------------------------------------------------------
 
 
-def _read_safetensors(path: pathlib.Path) -> tuple[Any, dict[str, np.ndarray]]:
+def _read_safetensors(path: pathlib.Path) -> tuple[Any, np.ndarray]:
   from safetensors import safe_open
 
+  source = str(path)
   try:
-    with safe_open(str(path), framework="numpy") as f:
+    with safe_open(source, framework="numpy") as f:
       metadata = f.metadata() or {}
-      blobs = {name: f.get_tensor(name) for name in f.keys()}
+      names = list(f.keys())
+      data = f.get_tensor(_TENSOR) if _TENSOR in names else None
   except Exception as e:  # safetensors raises its own error types
     raise ValueError(
-        f"load: {str(path)!r} is not a readable safetensors file (truncated or corrupted?): {e}"
+        f"load: {source!r} is not a readable safetensors file (truncated or corrupted?): {e}"
     ) from None
-  if _META_KEY not in metadata:
+  if metadata.get("format") != _art.FORMAT_NAME or "manifest" not in metadata:
     raise ValueError(
-        f"load: {str(path)!r} is a safetensors file without a jaxcompress manifest (metadata "
-        f"key {_META_KEY!r}); it was not written by jc.export.save."
+        f"load: {source!r} is a safetensors file without a jaxcompress manifest; it was not "
+        "written by jc.export.save."
     )
-  try:
-    manifest = json.loads(metadata[_META_KEY])
-  except json.JSONDecodeError as e:
-    raise ValueError(f"load: the manifest in {str(path)!r} is not valid JSON: {e}.") from None
-  return manifest, blobs
+  _check_version(metadata.get("version"), source)
+  if data is None or names != [_TENSOR]:
+    raise ValueError(
+        f"load: {source!r} should hold the one tensor {_TENSOR!r}, it holds {names}: the "
+        "file was edited or is corrupted."
+    )
+  leaves = _unpack_manifest(metadata["manifest"], source)
+  if not isinstance(leaves, list) or not all(isinstance(e, dict) for e in leaves):
+    raise ValueError(f"load: the manifest in {source!r} is malformed.")
+  for e in leaves:
+    if isinstance(e.get("buffers"), list):
+      e["bytes"] = sum(int(n) for n in e["buffers"] if isinstance(n, int))
+  manifest = {"format": metadata["format"], "version": int(metadata["version"]), "leaves": leaves}
+  return manifest, data
 
 
-def _read_orbax(path: pathlib.Path) -> tuple[Any, dict[str, np.ndarray]]:
+def _read_orbax(path: pathlib.Path) -> tuple[Any, np.ndarray]:
   import orbax.checkpoint as ocp
 
   try:
@@ -191,34 +230,34 @@ def _read_orbax(path: pathlib.Path) -> tuple[Any, dict[str, np.ndarray]]:
     raise ValueError(
         f"load: {str(path)!r} is not a readable jaxcompress Orbax checkpoint: {e}"
     ) from None
-  # Split the one data array into leaves, in manifest order.
-  blobs = {}
-  offset = 0
-  leaves = manifest.get("leaves", []) if isinstance(manifest, dict) else []
-  for entry in leaves:
-    n = int(entry.get("bytes", 0)) if isinstance(entry, dict) else 0
-    if offset + n > data.size:
-      break  # a missing leaf: reported by _from_manifest
-    blobs[entry["path"]] = data[offset : offset + n]
-    offset += n
-  return manifest, blobs
+  if isinstance(manifest, dict) and sum(int(e.get("bytes", 0)) for e in manifest.get("leaves", [])) == 0:
+    data = data[:0]  # the placeholder byte of an empty artifact
+  return manifest, data
 
 
-def _from_manifest(manifest: Any, blobs: dict[str, np.ndarray], source: str) -> _art.Artifact:
+def _check_version(version: Any, source: str) -> None:
+  try:
+    v = int(version)
+  except (TypeError, ValueError):
+    raise ValueError(f"load: {source!r} has an invalid format version {version!r}.") from None
+  if v < 1:
+    raise ValueError(f"load: {source!r} has an invalid format version {version!r}.")
+  if v > _art.FORMAT_VERSION:
+    raise ValueError(
+        f"load: {source!r} was written in format version {v}, newer than this jaxcompress "
+        f"reads (up to {_art.FORMAT_VERSION}). Upgrade jaxcompress to load it."
+    )
+
+
+def _from_manifest(manifest: Any, data: np.ndarray, source: str) -> _art.Artifact:
   if not isinstance(manifest, dict) or manifest.get("format") != _art.FORMAT_NAME:
     raise ValueError(f"load: {source!r} does not hold a {_art.FORMAT_NAME} manifest.")
-  version = manifest.get("version")
-  if not isinstance(version, int) or version < 1:
-    raise ValueError(f"load: {source!r} has a manifest with an invalid format version {version!r}.")
-  if version > _art.FORMAT_VERSION:
-    raise ValueError(
-        f"load: {source!r} was written in format version {version}, newer than this "
-        f"jaxcompress reads (up to {_art.FORMAT_VERSION}). Upgrade jaxcompress to load it."
-    )
+  _check_version(manifest.get("version"), source)
   entries = manifest.get("leaves")
   if not isinstance(entries, list):
     raise ValueError(f"load: the manifest of {source!r} has no list of leaves.")
-  leaves, paths = [], []
+  data = np.asarray(data, np.uint8).reshape(-1)
+  leaves, paths, offset = [], [], 0
   for entry in entries:
     try:
       path = entry["path"]
@@ -227,37 +266,49 @@ def _from_manifest(manifest: Any, blobs: dict[str, np.ndarray], source: str) -> 
           dtype=entry["dtype"], encoding=entry["encoding"], nbytes=int(entry["bytes"]),
           crc32=entry["crc32"], fallback=entry.get("fallback"),
       )
-      sizes = [(name, int(n)) for name, n in entry["buffers"]]
-      node = entry["node"]
+      sizes = [int(n) for n in entry["buffers"]]
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"load: a leaf entry of the manifest of {source!r} is malformed ({e!r}).") from None
-    if path not in blobs:
+    if offset + record.nbytes > data.size:
       raise ValueError(
           f"load: leaf {path!r} is in the manifest of {source!r} but its data is missing "
-          "(the file was cut or edited)."
+          f"(the file holds {data.size} bytes of leaf data, the manifest lists "
+          f"{sum(int(e.get('bytes', 0)) for e in entries)}): the file was cut or edited."
       )
-    blob = np.asarray(blobs[path], np.uint8).reshape(-1)
-    if blob.size != record.nbytes or sum(n for _, n in sizes) != record.nbytes:
-      raise ValueError(
-          f"load: leaf {path!r} in {source!r} has {blob.size} bytes, the manifest says "
-          f"{record.nbytes}: the file is corrupted."
-      )
+    blob = data[offset : offset + record.nbytes]
+    offset += record.nbytes
+    if sum(sizes) != record.nbytes or min(sizes, default=0) < 0:
+      raise ValueError(f"load: the manifest entry of leaf {path!r} in {source!r} is inconsistent.")
     crc = f"{zlib.crc32(blob.tobytes()):08x}"
     if crc != record.crc32:
       raise ValueError(
           f"load: leaf {path!r} in {source!r} fails its checksum (CRC-32 {crc}, the manifest "
           f"says {record.crc32}): its bytes are corrupted."
       )
-    buffers, offset = {}, 0
-    for name, n in sizes:
-      buffers[name] = blob[offset : offset + n]
-      offset += n
-    leaves.append(_art.EncodedLeaf(record, node, buffers))
+    starts = np.cumsum([0] + sizes)
+    buffers = tuple(blob[a:b] for a, b in zip(starts[:-1], starts[1:]))
+    leaves.append(_art.EncodedLeaf(record, buffers))
     paths.append(path)
-  extra = sorted(set(blobs) - set(paths))
-  if extra:
-    raise ValueError(f"load: {source!r} holds data for leaves the manifest does not list: {extra[:5]}.")
+  if offset != data.size:
+    raise ValueError(
+        f"load: {source!r} holds {data.size - offset} bytes of leaf data beyond what the "
+        "manifest lists: the file was edited or is corrupted."
+    )
   return _art.Artifact(_nest(paths, leaves, source))
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+  """The manifest of a saved artifact, as JSON (checked like ``load`` does).
+
+  Args:
+    path: a safetensors file or an Orbax directory written by ``save``.
+
+  Returns:
+    ``{"format", "version", "leaves": [{"path", "chain", "shape", "dtype",
+    "encoding", "bytes", "crc32", "buffers"}, ...]}`` (``buffers``: the sizes of
+    the leaf's buffers, in order).
+  """
+  return load(path).manifest
 
 
 def _nest(paths: list[str], leaves: list, source: str) -> dict:
