@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.checks import check_int, check_number
 from jaxcompress.core.rowselect import topk_rows
 from jaxcompress.core.select import topk_masks
 
@@ -156,8 +157,7 @@ class ERK(Distribution):
   power: float = 1.0
 
   def __post_init__(self):
-    if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or self.power < 0:
-      raise ValueError(f"ERK: power must be a non-negative number, got {self.power!r}.")
+    object.__setattr__(self, "power", check_number("ERK", "power", self.power, low=0.0, high=math.inf, high_open=True))
 
   def densities(self, shapes: Sequence[tuple[int, ...]], sparsity: jax.Array) -> jax.Array:
     """The density (kept fraction) of each leaf, float32 of shape ``(len(shapes),)``.
@@ -239,8 +239,7 @@ class PerOutput(Distribution):
   axis: int = -1
 
   def __post_init__(self):
-    if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-      raise ValueError(f"PerOutput: axis must be an int, got {self.axis!r}.")
+    object.__setattr__(self, "axis", check_int("PerOutput", "axis", self.axis))
 
   def check(self, shape, path):
     self._rows_axis(tuple(shape), path)

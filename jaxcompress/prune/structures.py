@@ -19,6 +19,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.checks import check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class Structure:
@@ -130,13 +132,11 @@ class NM(Structure):
 
   def __post_init__(self):
     for k in ("n", "m"):
-      v = getattr(self, k)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"NM: {k} must be a positive int, got {v!r}.")
+      object.__setattr__(self, k, check_int("NM", k, getattr(self, k), low=1))
     if self.n > self.m:
       raise ValueError(f"NM: n ({self.n}) must be at most m ({self.m}); N:M keeps n of every m.")
-    if self.axis is not None and (isinstance(self.axis, bool) or not isinstance(self.axis, int)):
-      raise ValueError(f"NM: axis must be an int or None, got {self.axis!r}.")
+    if self.axis is not None:
+      object.__setattr__(self, "axis", check_int("NM", "axis (or None: ndim - 2)", self.axis))
 
   @property
   def density(self) -> float:

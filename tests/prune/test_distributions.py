@@ -56,8 +56,10 @@ def test_erk_with_dense_layers_and_power():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
   # The small layer is kept dense at 90%.
   assert np.asarray(jc.prune.ERK().densities(shapes, jnp.float32(0.9)))[0] == 1.0
-  with pytest.raises(ValueError, match=r"ERK: power must be a non-negative number, got -1"):
+  with pytest.raises(ValueError, match=r"ERK: power must be a number in \[0, inf\), got -1.0"):
     jc.prune.ERK(power=-1)
+  with pytest.raises(ValueError, match=r"ERK: power must be a number in \[0, inf\), got nan"):
+    jc.prune.ERK(power=float("nan"))
 
 
 def test_erk_masks_keep_the_rounded_counts_and_follow_a_schedule():

@@ -105,7 +105,7 @@ def test_errors_name_the_problem_and_the_fix():
   bad_axis = jc.prune.magnitude(sparsity=0.5, distribution=jc.prune.PerOutput(axis=2))
   with pytest.raises(ValueError, match=r"PerOutput at 'dense/kernel': axis=2 is out of range for a leaf of shape \(4, 3\)"):
     jc.Spec([jc.Rule(r".*kernel", [bad_axis])]).init(params)
-  with pytest.raises(ValueError, match=r"PerOutput: axis must be an int, got 'out'"):
+  with pytest.raises(TypeError, match=r"PerOutput: axis must be an integer in \[-inf, inf\], got 'out' of type str"):
     jc.prune.PerOutput(axis="out")
   for structure in (jc.prune.Block((2, 2)), jc.prune.Channel(), jc.prune.NM(2, 4)):
     fix = r"cannot take the structure .*leave structure as the default Unstructured\(\)"

@@ -61,7 +61,7 @@ def test_nm_errors():
     init_mask(jc.prune.Prune(structure=jc.prune.NM(2, 4)), np.ones(8, np.float32), path="b")
   with pytest.raises(ValueError, match=r"n \(5\) must be at most m \(4\)"):
     jc.prune.NM(5, 4)
-  with pytest.raises(ValueError, match=r"m must be a positive int, got 0"):
+  with pytest.raises(ValueError, match=r"NM: m must be an integer in \[1, inf\], got 0"):
     jc.prune.NM(1, 0)
   with pytest.raises(ValueError, match=r"sparsity=0.75 does not match NM\(n=2, m=4.*fixed at 0.5; leave sparsity=None"):
     jc.prune.Prune(structure=jc.prune.NM(2, 4), sparsity=0.75)
