@@ -123,7 +123,7 @@ class Artifact:
     >>> t, s = spec.init(params)
     >>> art = jc.export.export(spec, t, s)
     >>> art.leaves[1].record.encoding, art.leaves[1].record.nbytes
-    ('int4 per-channel: int4', 24)
+    ('int4 channel@-1 dense:xfloat32 dense:u4-8', 23)
   """
 
   tree: PyTree
@@ -293,9 +293,9 @@ def export(
     >>> t, s = spec.init(params)
     >>> art = jc.export.export(spec, t, s)
     >>> print(art)
-    path  shape     stages            encoding                           dense B  stored B  ratio
-    w     (64, 32)  Prune -> FakeQuant  int8 per-channel: int8 runs...      8192      ...   ...x
-    total                                                                   8192      ...   ...x
+    path   shape     stages              encoding                                             dense B  stored B  ratio
+    w      (64, 32)  Prune -> FakeQuant  int8 channel@-1 dense:xfloat32 runs3x592(u3):u8-128     8192       844   9.7x
+    total                                                                                        8192       844   9.7x
     >>> bool((jc.export.decode(art)["w"] == spec.apply(t, s)["w"]).all())
     True
   """

@@ -240,7 +240,7 @@ def xor_encode(words: np.ndarray, width_bits: int) -> np.ndarray:
 
   Example:
     >>> w = np.array([1.0, 1.5, 1.75], np.float32).view(np.uint32)
-    >>> xor_decode(xor_encode(w, 32), 3, 32).view(np.float32).tolist()
+    >>> xor_decode(xor_encode(w, 32), 3, 32).astype(np.uint32).view(np.float32).tolist()
     [1.0, 1.5, 1.75]
   """
   u = np.asarray(words, np.uint64).reshape(-1)

