@@ -2,6 +2,7 @@
 
 from jaxcompress import cluster, distill, export, lowrank, prune, quant
 from jaxcompress.core import schedules
+from jaxcompress.core.chain import Chain
 from jaxcompress.core.spec import Compressed, LeafState, Rule, Spec
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.train import (
@@ -14,6 +15,7 @@ from jaxcompress.train import (
 )
 
 __all__ = [
+    "Chain",
     "Compressed",
     "LeafState",
     "Rule",

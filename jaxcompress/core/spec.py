@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jaxcompress.core import sharding as _sharding
 from jaxcompress.core.paths import parent, path_str
+from jaxcompress.core.chain import Chain, is_array
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.core.stage import materialize as _materialize
 
@@ -65,30 +66,62 @@ def _is_node(x: Any) -> bool:
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """Selects leaves whose path fully matches ``pattern`` and compresses them.
+Pattern = Any  # str | Callable[[str, Any], bool] | tuple of them
 
-  Args:
-    pattern: a regular expression matched with ``re.fullmatch`` against the
-      leaf path (``Dense_0/kernel``; see ``jaxcompress.core.paths.path_str``).
-    stages: stages applied left to right: ``[prune, quantize]`` gives Q(M * W).
 
-  Example:
-    >>> import jaxcompress as jc
-    >>> rule = jc.Rule(r".*kernel", [jc.prune.magnitude(sparsity=0.5)])
-  """
-
-  pattern: str
-  stages: tuple[Stage, ...]
-
-  def __init__(self, pattern: str, stages: Sequence[Stage] | Stage):
-    if not isinstance(pattern, str):
-      raise TypeError(f"Rule pattern must be a str, got {pattern!r}.")
+def _check_pattern(pattern: Pattern) -> None:
+  if isinstance(pattern, tuple):
+    if not pattern:
+      raise ValueError("Rule pattern is an empty tuple; give at least one regex or predicate.")
+    for p in pattern:
+      _check_pattern(p)
+  elif isinstance(pattern, str):
     try:
       re.compile(pattern)
     except re.error as e:
       raise ValueError(f"Rule pattern {pattern!r} is not a valid regular expression: {e}.") from e
+  elif not callable(pattern):
+    raise TypeError(
+        f"Rule pattern must be a regular expression (str), a predicate `(path, leaf) -> bool`, "
+        f"or a tuple of them; got {pattern!r}."
+    )
+
+
+def matches(pattern: Pattern, path: str, leaf: Any = None) -> bool:
+  """Whether ``pattern`` selects the leaf at ``path``: a regular expression
+  (``re.fullmatch`` on the path string), a predicate ``(path, leaf) -> bool``,
+  or a tuple of them (any one matching selects the leaf)."""
+  if isinstance(pattern, tuple):
+    return any(matches(p, path, leaf) for p in pattern)
+  if isinstance(pattern, str):
+    return re.fullmatch(pattern, path) is not None
+  return bool(pattern(path, leaf))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Selects leaves and compresses them with a chain of stages.
+
+  Args:
+    pattern: which leaves: a regular expression matched with ``re.fullmatch``
+      against the leaf path (``Dense_0/kernel``; see
+      ``jaxcompress.core.paths.path_str``), a predicate ``(path, leaf) -> bool``,
+      or a tuple of them (a leaf matching any one is selected).
+    stages: stages applied left to right (``[prune, quantize]`` gives
+      Q(M * W)), or one stage, or a ``jc.Chain``.
+
+  Example:
+    >>> import jaxcompress as jc
+    >>> rule = jc.Rule(r".*kernel", [jc.prune.magnitude(sparsity=0.5)])
+    >>> big = jc.Rule(lambda path, leaf: leaf.ndim == 2 and leaf.size >= 4096,
+    ...               jc.quant.FakeQuant(bits=8))
+  """
+
+  pattern: Pattern
+  chain: Chain
+
+  def __init__(self, pattern: Pattern, stages: Sequence[Stage] | Stage):
+    _check_pattern(pattern)
     if isinstance(stages, Stage):
       stages = (stages,)
     stages = tuple(stages)
@@ -100,28 +133,33 @@ class Rule:
             f"Rule {pattern!r}: stage {i} is {s!r}, not a jaxcompress stage. Build stages "
             "with the technique modules, e.g. jc.prune.magnitude(sparsity=0.9)."
         )
+    try:
+      chain = Chain(stages)
+    except ValueError as e:
+      raise ValueError(f"Rule {pattern!r}: {e}") from None
+    for i, s in enumerate(chain.stages):
       if not isinstance(s.name, str) or not s.name.isidentifier():
         raise TypeError(
             f"Rule {pattern!r}: stage {i} ({type(s).__name__}) has no name (got "
             f"{s.name!r}). A stage class sets a short identifier as its key in the "
             f"state: `name: ClassVar[str] = \"{type(s).__name__.lower()}\"`."
         )
-      if s.replaces_weight and i != 0:
-        raise ValueError(
-            f"Rule {pattern!r}: stage {type(s).__name__} replaces the weight (it trains other "
-            f"leaves instead) and must come first in its rule, but it is at position {i}."
-        )
     object.__setattr__(self, "pattern", pattern)
-    object.__setattr__(self, "stages", stages)
+    object.__setattr__(self, "chain", chain)
 
-  def matches(self, path: str) -> bool:
-    return re.fullmatch(self.pattern, path) is not None
+  def matches(self, path: str, leaf: Any = None) -> bool:
+    """Whether this rule selects the leaf at ``path``."""
+    return matches(self.pattern, path, leaf)
+
+  @property
+  def stages(self) -> tuple[Stage, ...]:
+    """The stages, left to right."""
+    return self.chain.stages
 
   @property
   def keys(self) -> tuple[str, ...]:
     """The key of each stage in a leaf's ``Compressed.params`` and ``LeafState``."""
-    names = [s.name for s in self.stages]
-    return tuple(n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names))
+    return self.chain.keys
 
 
 def _check_unique_paths(paths: list[str], keypaths: list[Any]) -> None:
@@ -170,48 +208,6 @@ def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def _stage_key(key: jax.Array | None, i: int) -> jax.Array | None:
-  return None if key is None else jax.random.fold_in(key, i)
-
-
-def _is_array(v: Any) -> bool:
-  return hasattr(v, "shape") and hasattr(v, "dtype") and not hasattr(v, "materialize")
-
-
-def _split_value(value: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
-  """An array is one item; a structured value (factors) is one item per array."""
-  if _is_array(value):
-    return [value], lambda items: items[0]
-  leaves, treedef = jax.tree_util.tree_flatten(value)
-  return leaves, treedef.unflatten
-
-
-def _part_grads(value: Any, parts: list[Any], g: Any, replaces: bool) -> list[Any]:
-  """The gradient each part of a stage's value gets, from the model params' ``g``.
-
-  An array value gets ``g`` itself; a stage that replaces the weight gets ``g``
-  (the gradient with respect to what it rebuilds); a structured value (factors)
-  gets, per array, the gradient pulled back through its ``materialize``, so a
-  stage after a factorization (saliency pruning of the factors) sees the
-  gradient of its own input. Unused gradients are removed by XLA under jit.
-  """
-  if g is None:
-    return [None] * len(parts)
-  if replaces or _is_array(value):
-    return [g]
-  _, rebuild = _split_value(value)
-  out, pullback = jax.vjp(lambda ps: _materialize(rebuild(ps)), parts)
-  return list(pullback(g.astype(out.dtype))[0])
-
-
-def _join(parts: list[Any], is_array: bool) -> Any:
-  return parts[0] if is_array else list(parts)
-
-
-def _parts(x: Any, n: int, is_array: bool) -> list[Any]:
-  return [x] if is_array else list(x) if x is not None else [None] * n
-
-
 # --------------------------------------------------------------------------
 # The spec.
 # --------------------------------------------------------------------------
@@ -255,7 +251,7 @@ class Spec:
     owner: list[int | None] = []
     used = [False] * len(self.rules)
     for path, leaf in zip(paths, leaves):
-      idx = next((i for i, r in enumerate(self.rules) if r.matches(path)), None)
+      idx = next((i for i, r in enumerate(self.rules) if r.matches(path, leaf)), None)
       if idx is not None:
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -275,7 +271,10 @@ class Spec:
     for i, r in enumerate(self.rules):
       if not used[i]:
         shown = ", ".join(repr(p) for p in paths[:20]) + (" ..." if len(paths) > 20 else "")
-        first = next((j for j in range(i) if any(o == j and self.rules[i].matches(p) for p, o in zip(paths, owner))), None)
+        first = next(
+            (j for j in range(i) if any(o == j and r.matches(p, v) for p, v, o in zip(paths, leaves, owner))),
+            None,
+        )
         why = (
             f" (the leaves it matches are already owned by the earlier rule {self.rules[first].pattern!r})"
             if first is not None
@@ -283,7 +282,8 @@ class Spec:
         )
         raise ValueError(
             f"Rule {r.pattern!r} matches no leaf{why}. Patterns are regular expressions "
-            f"matched with re.fullmatch against leaf paths; the paths are: {shown}."
+            f"matched with re.fullmatch against leaf paths (or predicates over (path, leaf)); "
+            f"the paths are: {shown}."
         )
     return paths, leaves, owner, treedef
 
@@ -313,57 +313,19 @@ class Spec:
     t_out: list[Any] = list(leaves)
     s_out: list[Any] = [LeafState({}) for _ in leaves]
     for ri, idxs in self._groups(owner).items():
-      rule = self.rules[ri]
-      values = [leaves[j] for j in idxs]
-      lkeys = [_leaf_key(key, paths[j]) for j in idxs]
-      p_by_leaf: list[dict[str, Any]] = [{} for _ in idxs]
-      s_by_leaf: list[dict[str, Any]] = [{} for _ in idxs]
-      weights: list[Any] = list(values)
-      for si, (stage, skey) in enumerate(zip(rule.stages, rule.keys)):
-        items, item_paths, item_keys, spans, arr = [], [], [], [], []
-        for n, v in enumerate(values):
-          parts, _ = _split_value(v)
-          arr.append(_is_array(v))
-          spans.append((len(items), len(parts)))
-          items += parts
-          item_paths += [paths[idxs[n]]] * len(parts)
-          item_keys += [_stage_key(_stage_key(lkeys[n], si), q) for q in range(len(parts))]
-        # Whole-leaf computations run on replicated copies under Explicit sharding.
-        gathered, explicit = _sharding.replicate_explicit(items)
-        out = stage.init_group(gathered, paths=item_paths, keys=item_keys)
-        if explicit:
-          out = [
-              (_sharding.reshard_like(p, v), _sharding.reshard_like(st, v))
-              for (p, st), v in zip(out, items)
-          ]
-        last = si == len(rule.stages) - 1
-        for n, (a, m) in enumerate(spans):
-          ps = [o[0] for o in out[a : a + m]]
-          ss = [o[1] for o in out[a : a + m]]
-          p_by_leaf[n][skey] = _join(ps, arr[n])
-          s_by_leaf[n][skey] = _join(ss, arr[n])
-          if stage.replaces_weight:
-            weights[n] = None
-          if not last:
-            values[n] = self._apply_stage(stage, values[n], p_by_leaf[n][skey], s_by_leaf[n][skey])
-      for n, j in enumerate(idxs):
-        params_n = {k: v for k, v in p_by_leaf[n].items() if v is not None}
-        if weights[n] is not None and not params_n:
-          t_out[j] = weights[n]
+      chain = self.rules[ri].chain
+      out = chain.init_group(
+          [leaves[j] for j in idxs],
+          paths=[paths[j] for j in idxs],
+          keys=[_leaf_key(key, paths[j]) for j in idxs],
+      )
+      for j, (p, st) in zip(idxs, out):
+        if chain.replaces_weight:
+          t_out[j] = Compressed(None, p)
         else:
-          t_out[j] = Compressed(weights[n], params_n)
-        s_out[j] = LeafState(s_by_leaf[n], ri)
+          t_out[j] = Compressed(leaves[j], p) if p else leaves[j]
+        s_out[j] = LeafState(st, ri)
     return treedef.unflatten(t_out), treedef.unflatten(s_out)
-
-  @staticmethod
-  def _apply_stage(stage: Stage, value: Any, params: Any, state: Any) -> Any:
-    if stage.replaces_weight:
-      return stage.apply(None, params, state)
-    parts, rebuild = _split_value(value)
-    is_arr = _is_array(value)
-    ps = _parts(params, len(parts), is_arr)
-    ss = _parts(state, len(parts), is_arr)
-    return rebuild([stage.apply(v, p, s) for v, p, s in zip(parts, ps, ss)])
 
   # ----- apply -------------------------------------------------------------
   def apply(self, trainable: PyTree, state: PyTree, *, materialize: bool = True) -> PyTree:
@@ -448,69 +410,32 @@ class Spec:
           self._check_grad(flat_paths[j], t_leaves[j], s, g_leaves[j])
     t_out, s_out = list(t_leaves), list(s_leaves)
     for ri, idxs in groups.items():
-      rule = self.rules[ri]
       comp = [isinstance(t_leaves[j], Compressed) for j in idxs]
-      params = [dict(t_leaves[j].params) if c else {} for j, c in zip(idxs, comp)]
-      weights = [t_leaves[j].weight if c else t_leaves[j] for j, c in zip(idxs, comp)]
-      states = [dict(s_leaves[j].stages) for j in idxs]
-      values = list(weights)
-      for si, (stage, k) in enumerate(zip(rule.stages, rule.keys)):
-        items, iparams, istates, ctxs, spans, arr = [], [], [], [], [], []
-        for n, j in enumerate(idxs):
-          v = values[n]
-          is_arr = stage.replaces_weight or _is_array(v)
-          parts = [v] if stage.replaces_weight else _split_value(v)[0]
-          arr.append(is_arr)
-          spans.append((len(items), len(parts)))
-          g = g_leaves[j]
-          path = flat_paths[j]
-          stat = stats.get(path, stats.get(parent(path)))
-          lkey = _stage_key(_leaf_key(key, path), si)
-          if lkey is not None:
-            lkey = jax.random.fold_in(lkey, step)
-          for q, gq in enumerate(_part_grads(v, parts, g, stage.replaces_weight)):
-            ctxs.append(UpdateContext(path, step, gq, stat, _stage_key(lkey, q)))
-          items += parts
-          iparams += _parts(params[n].get(k), len(parts), is_arr)
-          istates += _parts(states[n][k], len(parts), is_arr)
-        # Whole-leaf computations run on replicated copies under Explicit sharding.
-        grads_stats = [(c.grad, c.stat) for c in ctxs]
-        gathered, explicit = _sharding.replicate_explicit((items, iparams, istates, grads_stats))
-        g_items, g_params, g_states, g_gs = gathered
-        g_ctxs = [c._replace(grad=g, stat=st) for c, (g, st) in zip(ctxs, g_gs)]
-        out = stage.update_group(g_items, g_params, g_states, g_ctxs)
-        if explicit:
-          out = [
-              _sharding.reshard_as(o, like)
-              for o, like in zip(out, zip(items, iparams, istates))
-          ]
-        last = si == len(rule.stages) - 1
-        for n, (a, m) in enumerate(spans):
-          new_v = [o[0] for o in out[a : a + m]]
-          new_p = _join([o[1] for o in out[a : a + m]], arr[n])
-          new_s = _join([o[2] for o in out[a : a + m]], arr[n])
-          if k in params[n]:
-            params[n][k] = new_p
-          states[n][k] = new_s
-          if si == 0 and not stage.replaces_weight:
-            weights[n] = new_v[0] if arr[n] else _split_value(values[n])[1](new_v)
-            values[n] = weights[n]
-          if not last:
-            values[n] = self._apply_stage(stage, values[n], params[n].get(k), states[n][k])
-      for n, j in enumerate(idxs):
-        t_out[j] = Compressed(weights[n], params[n]) if comp[n] else weights[n]
-        s_out[j] = LeafState(states[n], ri)
+      ctxs = []
+      for j in idxs:
+        path = flat_paths[j]
+        stat = stats.get(path, stats.get(parent(path)))
+        ctxs.append(UpdateContext(path, step, g_leaves[j], stat, _leaf_key(key, path)))
+      out = self.rules[ri].chain.update_group(
+          [t_leaves[j].weight if c else t_leaves[j] for j, c in zip(idxs, comp)],
+          [t_leaves[j].params if c else {} for j, c in zip(idxs, comp)],
+          [s_leaves[j].stages for j in idxs],
+          ctxs,
+      )
+      for j, c, (w, p, st) in zip(idxs, comp, out):
+        t_out[j] = Compressed(w, p) if c else w
+        s_out[j] = LeafState(st, ri)
     return treedef.unflatten(t_out), treedef.unflatten(s_out)
 
   def _apply_leaf(self, t: Any, s: LeafState, materialize: bool = True) -> Any:
-    """One leaf of ``apply``: its rule's stages over its trainable node."""
+    """One leaf of ``apply``: its rule's chain over its trainable node."""
     if not s.stages:
       return t
-    rule = self._rule_for_state(s)
-    params = t.params if isinstance(t, Compressed) else {}
-    value = t.weight if isinstance(t, Compressed) else t
-    for stage, k in zip(rule.stages, rule.keys):
-      value = self._apply_stage(stage, value, params.get(k), s.stages[k])
+    chain = self._rule_for_state(s).chain
+    if isinstance(t, Compressed):
+      value = chain.apply(t.weight, t.params, s.stages)
+    else:
+      value = chain.apply(t, {}, s.stages)
     return _materialize(value) if materialize else value
 
   def _check_grad(self, path: str, t: Any, s: LeafState, g: Any) -> None:
@@ -535,15 +460,34 @@ class Spec:
     for t, s in zip(t_leaves, s_leaves):
       mask = None
       if s.stages:
-        rule = self._rule_for_state(s)
-        first = rule.stages[0]
-        if not first.replaces_weight and _is_array(t.weight if isinstance(t, Compressed) else t):
-          mask = first.update_mask(s.stages[rule.keys[0]])
+        chain = self._rule_for_state(s).chain
+        if not chain.replaces_weight and is_array(t.weight if isinstance(t, Compressed) else t):
+          mask = chain.update_mask(s.stages)
       if isinstance(t, Compressed):
         out.append(Compressed(mask, jax.tree_util.tree_map(lambda _: None, t.params)))
       else:
         out.append(mask)
     return treedef.unflatten(out)
+
+  def owners(self, params: PyTree) -> dict[str, Rule | None]:
+    """The rule that owns each leaf, by path (``None`` where no rule matches).
+
+    Args:
+      params: the params, or their abstract shapes.
+
+    Returns:
+      ``{path: rule or None}`` in the order of the params' leaves; a rule's
+      ``stages`` and ``keys`` say which stage keeps which entry of the leaf's
+      ``Compressed.params`` and ``LeafState.stages``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxcompress as jc
+      >>> spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
+      >>> {p: r and r.keys for p, r in spec.owners({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}).items()}
+      {'b': None, 'w': ('prune',)}
+    """
+    paths, _, owner, _ = self._assign(params)
+    return {p: None if o is None else self.rules[o] for p, o in zip(paths, owner)}
 
   def describe(self, params: PyTree) -> str:
     """A table of every leaf: path, shape, dtype, owning rule and stages.
@@ -566,7 +510,7 @@ class Spec:
               str(tuple(getattr(v, "shape", ()))),
               str(getattr(v, "dtype", type(v).__name__)),
               repr(rule.pattern) if rule else "-",
-              " -> ".join(s.describe() for s in rule.stages) if rule else "-",
+              rule.chain.describe() if rule else "-",
           )
       )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
