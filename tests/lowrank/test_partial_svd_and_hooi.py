@@ -34,6 +34,15 @@ def test_small_rank_uses_randomized_svd_within_0_1_percent_of_eckart_young(kind)
   assert np.linalg.norm(approx - w) <= 1.001 * optimum
 
 
+def test_kernel_of_rank_below_the_sketch_is_still_exact():
+  rng = np.random.default_rng(2)
+  w = (rng.standard_normal((512, 5)) @ rng.standard_normal((5, 384))).astype(np.float32)
+  spec = jc.Spec([jc.Rule("w", [lowrank.svd(rank=16)])])
+  approx = np.asarray(spec.apply(*spec.init({"w": jnp.asarray(w)}))["w"])
+  assert np.all(np.isfinite(approx))
+  np.testing.assert_allclose(approx, w, atol=1e-3 * np.abs(w).max())
+
+
 def test_method_choice_follows_the_shapes():
   assert not linalg.uses_randomized((24, 16), 2)  # small: the full SVD
   assert not linalg.uses_randomized((4096, 4096), 1024)  # large rank: the full SVD
