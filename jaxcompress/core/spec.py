@@ -51,10 +51,13 @@ class LeafState:
   stages: dict[str, Any]
   #: Index of the owning rule in ``Spec.rules`` (static), -1 when none.
   rule: int = -1
+  #: Shape of the param the state was made for (static), so that a state of
+  #: another tree is refused instead of broadcast; None when no rule owns it.
+  shape: tuple[int, ...] | None = None
 
 
 jax.tree_util.register_dataclass(Compressed, data_fields=["weight", "params"], meta_fields=[])
-jax.tree_util.register_dataclass(LeafState, data_fields=["stages"], meta_fields=["rule"])
+jax.tree_util.register_dataclass(LeafState, data_fields=["stages"], meta_fields=["rule", "shape"])
 
 
 def _is_node(x: Any) -> bool:
@@ -202,6 +205,17 @@ def _check_step(step: Any) -> jax.Array:
   return jnp.asarray(step, jnp.int32)
 
 
+def _check_leaf_shape(fn: str, path: str, t: Any, s: LeafState) -> None:
+  """A state made for a param of another shape is refused (never broadcast)."""
+  weight = t.weight if isinstance(t, Compressed) else t
+  if s.shape is not None and is_array(weight) and tuple(weight.shape) != s.shape:
+    raise ValueError(
+        f"{fn}: leaf {path!r} has shape {tuple(weight.shape)}, but its compression state was "
+        f"made for shape {s.shape}: the state comes from another model or tree. Pass the "
+        "state that spec.init/spec.update returned with this trainable."
+    )
+
+
 def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
   if key is None:
     return None
@@ -287,6 +301,9 @@ class Spec:
         )
     return paths, leaves, owner, treedef
 
+  def _paths(self, trainable: PyTree) -> list[str]:
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable, is_leaf=_is_node)[0]]
+
   def _flatten(self, tree: PyTree) -> tuple[list[Any], Any]:
     return jax.tree_util.tree_flatten(tree, is_leaf=_is_node)
 
@@ -324,7 +341,7 @@ class Spec:
           t_out[j] = Compressed(None, p)
         else:
           t_out[j] = Compressed(leaves[j], p) if p else leaves[j]
-        s_out[j] = LeafState(st, ri)
+        s_out[j] = LeafState(st, ri, tuple(leaves[j].shape))
     return treedef.unflatten(t_out), treedef.unflatten(s_out)
 
   # ----- apply -------------------------------------------------------------
@@ -344,12 +361,13 @@ class Spec:
     t_leaves, treedef = self._flatten(trainable)
     s_leaves = _flatten_like("state", "spec.apply", treedef, state)
     out = []
-    for t, s in zip(t_leaves, s_leaves):
+    for path, t, s in zip(self._paths(trainable), t_leaves, s_leaves):
       if not isinstance(s, LeafState):
         raise TypeError(
             "spec.apply got a state that does not come from spec.init (a leaf state is "
             f"{type(s).__name__}). Pass the state returned by spec.init/spec.update."
         )
+      _check_leaf_shape("spec.apply", path, t, s)
       out.append(self._apply_leaf(t, s, materialize))
     return treedef.unflatten(out)
 
@@ -392,7 +410,7 @@ class Spec:
     g_leaves = (
         _flatten_like("grads", "spec.update", treedef, grads) if grads is not None else [None] * len(t_leaves)
     )
-    flat_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable, is_leaf=_is_node)[0]]
+    flat_paths = self._paths(trainable)
     step = _check_step(step)
     stats = dict(stats or {})
     # Group leaves by rule (the same grouping as init).
@@ -405,6 +423,7 @@ class Spec:
         )
       if s.stages:
         self._rule_for_state(s)
+        _check_leaf_shape("spec.update", flat_paths[j], t_leaves[j], s)
         groups.setdefault(s.rule, []).append(j)
         if g_leaves[j] is not None:
           self._check_grad(flat_paths[j], t_leaves[j], s, g_leaves[j])
@@ -424,7 +443,7 @@ class Spec:
       )
       for j, c, (w, p, st) in zip(idxs, comp, out):
         t_out[j] = Compressed(w, p) if c else w
-        s_out[j] = LeafState(st, ri)
+        s_out[j] = LeafState(st, ri, s_leaves[j].shape)
     return treedef.unflatten(t_out), treedef.unflatten(s_out)
 
   def _apply_leaf(self, t: Any, s: LeafState, materialize: bool = True) -> Any:
