@@ -35,6 +35,7 @@ from jaxcompress.export.encodings import (
     register_encoder,
 )
 from jaxcompress.export.files import SavedFile, load, read_manifest, save
+from jaxcompress.export.inference import compressed_dense, int8_matmul, serving_params
 
 __all__ = [
     "Artifact",
@@ -49,10 +50,13 @@ __all__ = [
     "Quantized",
     "SavedFile",
     "check",
+    "compressed_dense",
     "decode",
     "export",
+    "int8_matmul",
     "load",
     "read_manifest",
     "register_encoder",
     "save",
+    "serving_params",
 ]

@@ -283,6 +283,54 @@ def decode(desc: str, buffers: list[np.ndarray], shape: tuple[int, ...], dtype: 
   return out
 
 
+def _quant_parts(desc: str, bufs: _arrays.Reader, shape: tuple[int, ...]):
+  """``(codes, scale, zero_point, fmt, granularity)`` of a quantization descriptor (numpy)."""
+  head, _, rest = desc.partition(" ")
+  m = _QUANT.match(head)
+  if m.group(2):
+    fmt = _num.Format(bits=int(m.group(2)), narrow_range=bool(m.group(3)), symmetric=not m.group(4))
+  else:
+    fmt = _num.Format(dtype=head)
+  gran_name, _, rest = rest.partition(" ")
+  gran = granularity_from_name(gran_name)
+  scale_shape = gran.scale_shape(shape)
+  scale_desc, _, rest = rest.partition(" ")
+  scale = _arrays.load(scale_desc, bufs, scale_shape)
+  if scale.dtype != np.float32:
+    raise ValueError(f"scales are float32, the stored ones are {scale.dtype}.")
+  zp = None
+  lo, hi = int(fmt.qmin), int(fmt.qmax)
+  if not fmt.symmetric:
+    zp = _bits.unpack(bufs.next(), _bits.width(hi - lo + 1), math.prod(scale_shape)) + lo
+    zp = zp.reshape(scale_shape)
+  relative = rest.startswith("rel ")
+  if relative:
+    rest = rest[4:]
+  codes = _arrays.load(rest, bufs, shape, fill=0)
+  if not fmt.is_float:
+    if relative:
+      codes = codes + np.asarray(_num.expand_scale(zp, shape, gran)).astype(np.int64)
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+      raise ValueError(f"quantization codes fall outside [{lo}, {hi}].")
+  return codes, scale, zp, fmt, gran
+
+
+def quantized_parts(desc: str, buffers: list[np.ndarray], shape: tuple[int, ...]):
+  """``(codes, scale, format, granularity)`` of a symmetric quantized leaf, else ``None``.
+
+  For compressed inference: the integer (or float8) codes and the float32
+  scales, as numpy arrays, without dequantizing.
+  """
+  head = desc.partition(" ")[0]
+  m = _QUANT.match(head)
+  if m is None or m.group(4):
+    return None
+  reader = _arrays.Reader(buffers)
+  codes, scale, _, fmt, gran = _quant_parts(desc, reader, tuple(shape))
+  reader.done()
+  return codes, scale, fmt, gran
+
+
 def _decode(desc: str, bufs: _arrays.Reader, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
   head, _, rest = desc.partition(" ")
   if head == "plain":
@@ -323,37 +371,14 @@ def _decode(desc: str, bufs: _arrays.Reader, shape: tuple[int, ...], dtype: np.d
       a = channel * k + a
     shared = codebook.reshape(-1)[a]
     return jnp.where(nonzero, shared, jnp.zeros(a.shape, codebook.dtype))
-  m = _QUANT.match(head)
-  if m:
-    if m.group(2):
-      fmt = _num.Format(bits=int(m.group(2)), narrow_range=bool(m.group(3)), symmetric=not m.group(4))
-    else:
-      fmt = _num.Format(dtype=head)
-    gran_name, _, rest = rest.partition(" ")
-    gran = granularity_from_name(gran_name)
-    scale_shape = gran.scale_shape(shape)
-    scale_desc, _, rest = rest.partition(" ")
-    scale = _arrays.load(scale_desc, bufs, scale_shape)
-    if scale.dtype != np.float32:
-      raise ValueError(f"scales are float32, the stored ones are {scale.dtype}.")
+  if _QUANT.match(head):
+    codes, scale, zp, fmt, gran = _quant_parts(desc, bufs, shape)
     scale = jnp.asarray(scale)
-    zp = zp_np = None
-    lo, hi = int(fmt.qmin), int(fmt.qmax)
-    if not fmt.symmetric:
-      zp_np = _bits.unpack(bufs.next(), _bits.width(hi - lo + 1), math.prod(scale_shape)) + lo
-      zp_np = zp_np.reshape(scale_shape)
-      zp = jnp.asarray(zp_np.astype(np.int8)).astype(fmt.storage_dtype)
-    relative = rest.startswith("rel ")
-    if relative:
-      rest = rest[4:]
-    codes = _arrays.load(rest, bufs, shape, fill=0)
+    if zp is not None:
+      zp = jnp.asarray(zp.astype(np.int8)).astype(fmt.storage_dtype)
     if fmt.is_float:
       values = jnp.asarray(codes.astype(fmt.storage_dtype))
     else:
-      if relative:
-        codes = codes + np.asarray(_num.expand_scale(zp_np, shape, gran)).astype(np.int64)
-      if codes.size and (codes.min() < lo or codes.max() > hi):
-        raise ValueError(f"quantization codes fall outside [{lo}, {hi}].")
       values = jnp.asarray(codes.astype(np.int8)).astype(fmt.storage_dtype)
     return _num.dequantize(_num.QArray(values, scale, zp, fmt, gran, dtype))
   raise ValueError(f"unknown encoding {desc!r}.")
