@@ -11,9 +11,11 @@ are quantized where the model computes:
   which each selected ``Linear``/``LinearGeneral``/``Conv``/``Einsum`` is wrapped
   by a ``QuantizedInput`` module; the original model is unchanged.
 
-Modules are selected by ``InputRule.pattern``, a regular expression fully
-matched against the module path: ``Dense_0``, ``block/Dense_1``, ``layers/0``.
-Nothing global in jax or flax is patched.
+Modules are selected by ``InputRule.pattern`` as weight rules select leaves
+(``jaxcompress.core.spec.matches``): a regular expression fully matched against
+the module path (``Dense_0``, ``block/Dense_1``, ``layers/0``: the path of the
+module's params without the param name), a predicate ``(path, module) ->
+bool``, or a tuple of them. Nothing global in jax or flax is patched.
 
 Ranges are either *dynamic* (the absolute maximum of each token, computed on
 the fly) or *static* (one absolute maximum per tensor, an exponential moving
@@ -26,13 +28,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcompress.core.paths import path_str
+from jaxcompress.core.spec import matches
 from jaxcompress.quant import calibration, numerics
 from jaxcompress.quant.dot_general import QuantizedDotGeneral, fp8_dot_general, int8_dot_general
 from jaxcompress.quant.ste import fake_quant_ste
@@ -53,8 +57,11 @@ class InputRule:
   """How the inputs of the modules selected by ``pattern`` are quantized.
 
   Args:
-    pattern: a regular expression fully matched (``re.fullmatch``) against the
-      module path, its names joined by ``/``: ``Dense_0``, ``block/Dense_1``.
+    pattern: which modules, as ``jc.Rule`` selects leaves: a regular expression
+      fully matched (``re.fullmatch``) against the module path, its names
+      joined by ``/`` (``Dense_0``, ``block/Dense_1``), a predicate
+      ``(path, module) -> bool`` (the linen or NNX module), or a tuple of them
+      (a module matching any one is selected).
     bits: integer width of the inputs, 2 to 8 (symmetric, round to nearest).
     ranges: ``"dynamic"``: one scale per token (the absolute maximum over the
       features the layer contracts), computed on every call; ``"static"``: one
@@ -73,21 +80,19 @@ class InputRule:
     >>> rule = InputRule(pattern=r"Dense_\\d+", ranges="static")
     >>> rule.bits
     8
+    >>> wide = InputRule(pattern=("head", lambda path, module: getattr(module, "features", 0) >= 1024))
+    >>> wide.matches("block/Dense_0", None), wide.matches("head")
+    (False, True)
   """
 
-  pattern: str
+  pattern: Any
   bits: int = 8
   ranges: str = "dynamic"
   decay: float = 0.9
   matmul: str = "fake"
 
   def __post_init__(self):
-    if not isinstance(self.pattern, str):
-      raise TypeError(f"InputRule pattern must be a str, got {self.pattern!r}.")
-    try:
-      re.compile(self.pattern)
-    except re.error as e:
-      raise ValueError(f"InputRule pattern {self.pattern!r} is not a valid regular expression: {e}.") from e
+    _check_pattern(self.pattern)
     if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
       raise ValueError(f"InputRule {self.pattern!r}: bits must be an int from 2 to 8, got {self.bits!r}.")
     if self.ranges not in _RANGES:
@@ -106,20 +111,24 @@ class InputRule:
           f"InputRule {self.pattern!r}: bits={self.bits} does not apply to fp8 products; leave bits=8."
       )
 
-  def matches(self, path: str) -> bool:
-    """Whether the rule selects the module at ``path``.
+  def matches(self, path: str, module: Any = None) -> bool:
+    """Whether the rule selects ``module``, at ``path``.
 
     Args:
       path: a module path, names joined by ``/``.
+      module: the module (what a predicate pattern gets as its second argument).
 
     Returns:
-      ``re.fullmatch(pattern, path) is not None``.
+      ``jaxcompress.core.spec.matches(pattern, path, module)``: the rule of
+      ``jc.Rule``.
 
     Example:
       >>> InputRule(pattern=r"block/Dense_\\d").matches("block/Dense_1")
       True
+      >>> InputRule(pattern=("head", lambda path, m: path.endswith("_0"))).matches("block/Dense_0")
+      True
     """
-    return re.fullmatch(self.pattern, path) is not None
+    return matches(self.pattern, path, module)
 
   def dot_general(self) -> QuantizedDotGeneral:
     """The ``dot_general`` of a real low-precision product.
@@ -186,6 +195,31 @@ def _split_input(args: tuple, kwargs: dict) -> tuple[Array, Callable[[Array], tu
   raise TypeError("A quantized layer was called without an input array.")
 
 
+def _check_pattern(pattern: Any) -> None:
+  """A pattern ``jaxcompress.core.spec.matches`` takes: a valid regex, a callable,
+  or a non-empty tuple of them."""
+  if isinstance(pattern, tuple):
+    if not pattern:
+      raise ValueError("InputRule pattern is an empty tuple; give at least one regex or predicate.")
+    for p in pattern:
+      _check_pattern(p)
+  elif isinstance(pattern, str):
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"InputRule pattern {pattern!r} is not a valid regular expression: {e}.") from e
+  elif not callable(pattern):
+    raise TypeError(
+        "InputRule pattern must be a regular expression (str), a predicate "
+        f"`(path, module) -> bool`, or a tuple of them; got {pattern!r}."
+    )
+
+
+def _module_path(names: Sequence[Hashable]) -> str:
+  """A module's path as weight rules write a leaf's (``block/Dense_1``, ``layers/0``)."""
+  return path_str(tuple(jax.tree_util.DictKey(n) for n in names))
+
+
 def _check_rules(rules: Sequence[InputRule] | InputRule) -> tuple[InputRule, ...]:
   rules = (rules,) if isinstance(rules, InputRule) else tuple(rules)
   for r in rules:
@@ -201,7 +235,8 @@ def _unmatched_error(rule: InputRule, paths: Sequence[str], kinds: str, hint: st
   return ValueError(
       f"InputRule pattern {rule.pattern!r} matches no {kinds} module. Patterns are regular "
       "expressions matched with re.fullmatch against module paths such as 'Dense_0' or "
-      f"'block/Dense_1'; the paths are: {shown or '(none)' + hint}."
+      "'block/Dense_1' (or predicates over (path, module)); the paths are: "
+      f"{shown or '(none)' + hint}."
   )
 
 
@@ -233,10 +268,10 @@ class _Interceptor:
       return next_fun(*args, **kwargs)
     if isinstance(getattr(module, "dot_general", None), _Routed):
       return next_fun(*args, **kwargs)  # our own clone, already handled
-    path = "/".join(str(p) for p in module.path)
+    path = _module_path(module.path)
     if path not in self.seen:
       self.seen.append(path)
-    idx = next((i for i, r in enumerate(self.rules) if r.matches(path)), None)
+    idx = next((i for i, r in enumerate(self.rules) if r.matches(path, module)), None)
     if idx is None:
       return next_fun(*args, **kwargs)
     self.used[idx] = True
@@ -484,14 +519,14 @@ def quantize_nnx_inputs(model: nnx.Module, rules: Sequence[InputRule] | InputRul
   for hpath, holder in nnx.iter_graph(clone):
     if isinstance(holder, (nnx.Pytree, list, dict, tuple)):
       places += [(holder, k, c, (*hpath, k)) for k, c in _children(holder) if isinstance(c, _NNX_TYPES)]
-  places.sort(key=lambda p: _path_str(p[3]))
-  paths = sorted({_path_str(p[3]) for p in places})
+  places.sort(key=lambda p: _module_path(p[3]))
+  paths = sorted({_module_path(p[3]) for p in places})
   # A layer takes the first rule that matches any of its paths.
   selected: dict[int, tuple[int, str]] = {}
   for _, _, layer, path in places:
-    idx = next((i for i, r in enumerate(rules) if r.matches(_path_str(path))), None)
+    idx = next((i for i, r in enumerate(rules) if r.matches(_module_path(path), layer)), None)
     if idx is not None and (id(layer) not in selected or idx < selected[id(layer)][0]):
-      selected[id(layer)] = (idx, _path_str(path))
+      selected[id(layer)] = (idx, _module_path(path))
   used = {i for i, _ in selected.values()}
   for i, rule in enumerate(rules):
     if i not in used:
@@ -509,10 +544,6 @@ def quantize_nnx_inputs(model: nnx.Module, rules: Sequence[InputRule] | InputRul
   return clone
 
 
-def _path_str(path: tuple) -> str:
-  return "/".join(str(k) for k in path)
-
-
 def _children(holder: Any) -> list[tuple[Any, Any]]:
   if isinstance(holder, (nnx.List, list, tuple)):
     return list(enumerate(holder))
@@ -524,7 +555,7 @@ def _children(holder: Any) -> list[tuple[Any, Any]]:
 def _set_child(holder: Any, key: Any, value: Any, path: tuple) -> None:
   if isinstance(holder, tuple):
     raise ValueError(
-        f"Layer {_path_str(path)!r} is held in a tuple, which cannot be changed in place. Hold "
+        f"Layer {_module_path(path)!r} is held in a tuple, which cannot be changed in place. Hold "
         "layers in an nnx.List (or a list) to quantize their inputs."
     )
   if isinstance(holder, (nnx.List, list, nnx.Dict, dict)):

@@ -171,6 +171,20 @@ def test_linen_static_errors(net):
       jax.eval_shape(model.apply, {"params": params}, x)
 
 
+def test_linen_predicate_and_tuple_patterns(net):
+  # Patterns are those of jc.Rule: a predicate over (path, module), or a tuple
+  # mixing regexes and predicates, selects modules as a regex would.
+  model, params, x = net
+  want = np_net(params, x, {"block/Dense_0", "block/Dense_1"}, lambda v, _: np_fq_tokens(v, 4))
+  in_block = lambda path, module: isinstance(module, nn.Dense) and path.startswith("block/")
+  five_wide = lambda path, module: module.features == 5  # block/Dense_1
+  for pattern in (in_block, ("block/Dense_0", five_wide)):
+    out = run_linen(model, {"params": params}, x, [InputRule(pattern=pattern, bits=4)])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"matches no .* \(or predicates over \(path, module\)\); the paths are: 'Dense_0'"):
+    run_linen(model, {"params": params}, x, [InputRule(pattern=lambda path, module: False)])
+
+
 def test_linen_pattern_matching_nothing(net):
   model, params, x = net
   with pytest.raises(ValueError, match=r"'Dense_9' matches no .* paths are: 'Dense_0', 'block/Dense_0'"):
@@ -320,6 +334,22 @@ def test_nnx_real_products():
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
 
 
+def test_nnx_predicate_and_tuple_patterns():
+  model = NnxNet(nnx.Rngs(4))
+  x = rand((4, 9), 9)
+  is_einsum = lambda path, layer: isinstance(layer, nnx.Einsum)
+  q = quantize_nnx_inputs(model, [InputRule(pattern=(r"inp", is_einsum), bits=4)])
+  assert isinstance(q.inp, QuantizedInput) and isinstance(q.head, QuantizedInput)
+  assert isinstance(q.block.layers[0], nnx.Linear) and isinstance(q.block.layers[1], nnx.Linear)
+  out = nnx.jit(lambda m, v: m(v))(q, x)
+  want = np_nnx_net(model, x, lambda v, name: np_fq_tokens(v, 4) if name in ("inp", "head") else v)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  # The predicate sees every path a shared layer is held at (here 'again' and 'block/layers/1').
+  seen = []
+  quantize_nnx_inputs(model, [InputRule(pattern=lambda path, layer: seen.append(path) or path == "again")])
+  assert seen == ["again", "block/layers/0", "block/layers/1", "head", "inp"]
+
+
 def test_nnx_errors():
   model = NnxNet(nnx.Rngs(3))
   with pytest.raises(ValueError, match=r"'nope' matches no .* 'again', 'block/layers/0', 'block/layers/1', 'head', 'inp'"):
@@ -343,6 +373,20 @@ def test_nnx_errors():
 def test_bad_rules(kwargs, match):
   with pytest.raises(ValueError, match=match):
     InputRule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "pattern, error, match",
+    [
+        (3, TypeError, r"a regular expression \(str\), a predicate `\(path, module\) -> bool`, or a tuple"),
+        ((), ValueError, "empty tuple"),
+        (("Dense_0", "("), ValueError, r"'\(' is not a valid regular expression"),
+        (("Dense_0", None), TypeError, "got None"),
+    ],
+)
+def test_bad_patterns(pattern, error, match):
+  with pytest.raises(error, match=match):
+    InputRule(pattern=pattern)
 
 
 def test_dense_general_tokens_span_every_contracted_axis():
