@@ -10,5 +10,7 @@ def test_quickstart_runs(capsys):
   quickstart = blocks[-1]
   exec(compile(quickstart, "README.md", "exec"), {})
   out = capsys.readouterr().out
-  sparsities = eval(out.strip().splitlines()[-1])
+  line = next(x for x in out.splitlines() if x.startswith("{'Dense_0'"))
+  sparsities = eval(line)
   assert all(abs(s - 0.9) < 0.01 for s in sparsities.values())
+  assert "total" in out  # the exported artifact's size table
