@@ -1,115 +1,101 @@
-"""The shared invariant suite, run over every registered compression stage.
+"""The shared invariant suite: every registered stage through ``jaxcompress.testing``.
 
-For each case: same result with and without jit; init under ``jax.eval_shape``;
-dtypes kept (f32 and bf16); sharded on an 8-device CPU mesh equals single
-device (every case on Auto axes, one case of each kind on Explicit axes); no
-retracing across steps; state structure stable across updates.
+For each case (``tests/registry``): same result with and without jit; init
+under ``jax.eval_shape``; dtypes kept (f32 and bf16); sharded on an 8-device
+CPU mesh equals single device (every case on Auto axes, one case of each kind
+on Explicit axes); no retracing across steps; state structure stable across
+updates.
+
+One jitted single-device run per case (init, apply and three updates) is
+compiled once and shared by the jit/eager, eval_shape, f32 dtype, retrace,
+structure and sharded checks. The behavioural checks, which compile a
+gradient or a whole training step, run on a representative subset
+(``TRAINED``): gradients reach every trainable, a short training run reduces a
+loss, and masked Adam keeps its moments at zero under the stage's mask.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType
 
-import jaxcompress as jc
+import jaxcompress.testing as jt
 from tests.registry import cluster, lowrank, prune, quant
 
 CASES = prune.CASES + quant.CASES + lowrank.CASES + cluster.CASES
 IDS = [c.name for c in CASES]
+BY_NAME = {c.name: c for c in CASES}
+assert len(BY_NAME) == len(CASES), "two registry cases share a name"
 
 
-def make_params(dtype=jnp.float32, seed=0):
-  k = jax.random.split(jax.random.key(seed), 4)
-  return {
-      "Dense_0": {
-          "kernel": jax.random.normal(k[0], (16, 32), dtype),
-          "bias": jax.random.normal(k[1], (32,), dtype),
-      },
-      "Dense_1": {
-          "kernel": jax.random.normal(k[2], (32, 8), dtype),
-          "bias": jax.random.normal(k[3], (8,), dtype),
-      },
-  }
+def kit_case(case, dtype=jnp.float32):
+  """The registry case as a ``jaxcompress.testing.Case``."""
+  return jt.make_case(
+      case.stages(),
+      dtype=dtype,
+      pattern=case.pattern,
+      needs_grads=case.needs_grads,
+      needs_key=case.needs_key,
+      stats=case.stats() if case.stats else None,
+      name=case.name,
+  )
 
 
+@functools.cache
+def jitted(name):
+  """The case (f32) and its jitted run, compiled once for every check that reads it."""
+  case = kit_case(BY_NAME[name])
+  return case, jt.run(case)
+
+
+@functools.cache
+def trained(name):
+  """The case (f32) and its training run, shared by the loss and moments checks."""
+  case = kit_case(BY_NAME[name])
+  return case, jt.train(case)
+
+
+# Kept for tests/export/test_roundtrip.py, which runs the registry through export.
 def setup(case, dtype=jnp.float32):
-  spec = jc.Spec([jc.Rule(case.pattern, case.stages())])
-  params = make_params(dtype)
-  key = jax.random.key(1) if case.needs_key else None
-  grads = make_params(dtype, seed=2) if case.needs_grads else None
-  stats = case.stats() if case.stats else None
-  return spec, params, key, grads, stats
+  c = kit_case(case, dtype)
+  return c.spec, c.params, c.key, c.grads, c.stats
 
 
 def run(spec, params, key, grads, stats, jit, steps=3):
-  init = jax.jit(spec.init) if jit else spec.init
-  apply = jax.jit(spec.apply) if jit else spec.apply
-  update = jax.jit(spec.update) if jit else spec.update
-  t, s = init(params, key=key)
-  outs = [apply(t, s)]
-  for step in range(steps):
-    t, s = update(t, s, step, grads=grads, stats=stats, key=key)
-    outs.append(apply(t, s))
-  return t, s, outs
-
-
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
-  la, ta = jax.tree_util.tree_flatten(a)
-  lb, tb = jax.tree_util.tree_flatten(b)
-  assert ta == tb
-  for x, y in zip(la, lb):
-    np.testing.assert_allclose(
-        np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol
-    )
+  c = jt.Case("", spec, params, key, grads, stats, None)
+  r = jt.run(c, jit=jit, steps=steps)
+  return r.trainables[-1], r.states[-1], r.outputs
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_jit_matches_eager(case):
-  spec, params, key, grads, stats = setup(case)
-  *_, eager = run(spec, params, key, grads, stats, jit=False)
-  *_, jitted = run(spec, params, key, grads, stats, jit=True)
-  assert_trees_close(eager, jitted)
+  c, r = jitted(case.name)
+  jt.assert_jit_matches_eager(c, jitted=r)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_init_under_eval_shape(case):
-  spec, params, key, *_ = setup(case)
-  abstract = jax.eval_shape(spec.init, params, key=key)
-  concrete = spec.init(params, key=key)
-  assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(concrete)
-  for a, c in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(concrete)):
-    assert a.shape == c.shape and a.dtype == c.dtype
+  c, r = jitted(case.name)
+  jt.assert_init_under_eval_shape(c, jitted=r)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_dtypes_kept(case, dtype):
-  spec, params, key, grads, stats = setup(case, dtype)
-  t, s, outs = run(spec, params, key, grads, stats, jit=True, steps=2)
-  for out in outs:
-    for p, o in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(out)):
-      assert o.dtype == p.dtype and o.shape == p.shape
+  if dtype == jnp.float32:
+    c, r = jitted(case.name)
+    jt.assert_dtypes_kept(c, jitted=r)
+  else:
+    jt.assert_dtypes_kept(kit_case(case, dtype))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_state_structure_stable_and_no_retrace(case):
-  spec, params, key, grads, stats = setup(case)
-  traces = []
-
-  def update(t, s, step):
-    traces.append(1)
-    return spec.update(t, s, step, grads=grads, stats=stats, key=key)
-
-  update = jax.jit(update)
-  t, s = spec.init(params, key=key)
-  struct = jax.tree_util.tree_structure((t, s))
-  avals = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves((t, s))]
-  for step in range(4):
-    t, s = update(t, s, jnp.int32(step))
-    assert jax.tree_util.tree_structure((t, s)) == struct
-    assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves((t, s))] == avals
-  assert len(traces) == 1
+  c, r = jitted(case.name)
+  jt.assert_state_structure_stable(c, jitted=r)
+  jt.assert_no_retrace(c, jitted=r)
 
 
 # Explicit meshes take the same code path for every stage (whole-leaf work on a
@@ -130,28 +116,36 @@ SHARDED = [pytest.param(c, AxisType.Auto, id=f"{c.name}-auto") for c in CASES] +
 @pytest.mark.parametrize("case, axis_type", SHARDED)
 def test_sharded_matches_single_device(case, axis_type):
   assert len(jax.devices()) == 8
-  spec, params, key, grads, stats = setup(case)
-  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
-  with jax.set_mesh(mesh):
-    _check_sharded(spec, params, key, grads, stats, mesh)
+  c, r = jitted(case.name)
+  jt.assert_sharded_matches_single_device(c, axis_type=axis_type, jitted=r)
 
 
-def _check_sharded(spec, params, key, grads, stats, mesh):
-  pspecs = {
-      "Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
-      "Dense_1": {"kernel": P("model", "data"), "bias": P()},
-  }
-  p_sh = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), pspecs)
-  params_sharded = jax.device_put(params, p_sh)
-  t_sh, s_sh = spec.shardings(params, p_sh, key=key)
-  init = jax.jit(spec.init, out_shardings=(t_sh, s_sh))
-  t, s = init(params_sharded, key=key)
-  for x, sh in zip(jax.tree_util.tree_leaves((t, s)), jax.tree_util.tree_leaves((t_sh, s_sh))):
-    assert x.sharding.is_equivalent_to(sh, x.ndim)
-  update = jax.jit(spec.update, out_shardings=(t_sh, s_sh))
-  outs = [jax.jit(spec.apply)(t, s)]
-  for step in range(3):
-    t, s = update(t, s, step, grads=grads, stats=stats, key=key)
-    outs.append(jax.jit(spec.apply)(t, s))
-  *_, single = run(spec, params, key, grads, stats, jit=True)
-  assert_trees_close(outs, single)
+# The behavioural checks compile a gradient or a training step per case: they
+# run on one case of each kind of trainable (weight, learned step, factors,
+# centroids) and of mask (fixed, gradual, regrown, before a later stage).
+TRAINED = [
+    "prune_magnitude", "prune_straight_through", "prune_rigl",
+    "quant_fq_int4_asym_per_group_static", "quant_lsq_int4", "quant_prune_then_lsq_int8",
+    "quant_lowrank_then_lsq_int8", "cluster_per_channel_density", "prune_then_cluster_at_step",
+]
+# The subset whose first stage has an update_mask (the optimizer holds its zeros).
+MASKED = ["prune_magnitude", "prune_rigl", "quant_prune_then_lsq_int8", "prune_then_cluster_at_step"]
+assert set(MASKED) <= set(TRAINED) <= set(IDS), set(MASKED + TRAINED) - set(IDS)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_grads_reach_trainables(name):
+  c, r = jitted(name)
+  jt.assert_grads_reach_trainables(c, jitted=r, where=BY_NAME[name].trains)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_training_reduces_loss(name):
+  c, t = trained(name)
+  jt.assert_training_reduces_loss(c, trained=t)
+
+
+@pytest.mark.parametrize("name", MASKED)
+def test_masked_moments_zero(name):
+  c, t = trained(name)
+  jt.assert_masked_moments_zero(c, trained=t)

@@ -5,7 +5,7 @@ suite by one line in its technique's list.
 """
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jaxcompress as jc
 
@@ -21,12 +21,16 @@ class Case:
     needs_key: pass a PRNG key to init and update.
     pattern: the rule's pattern over the standard params
       (``Dense_0/kernel`` (16, 32), ``Dense_1/kernel`` (32, 8), biases).
+    stats: builds the stats passed to update, by leaf path (e.g. activation norms).
+    trains: the trainable leaves that must get a non-zero gradient (a rule
+      pattern over their paths, as ``jaxcompress.testing``'s ``where=``);
+      ``None``: every one.
   """
 
   name: str
   stages: Callable[[], list[jc.Stage]]
   needs_grads: bool = False
   needs_key: bool = False
-  pattern: str = r".*kernel"
-  # Stats passed to update, by leaf path (e.g. activation norms).
+  pattern: Any = r".*kernel"
   stats: Callable[[], dict] | None = None
+  trains: Any = None

@@ -8,7 +8,9 @@ CASES = [
     Case("quant_fq_int8_per_channel", lambda: [jq.FakeQuant(bits=8)]),
     Case(
         "quant_fq_int8_static_mse_ema",
-        lambda: [jq.FakeQuant(bits=8, ranges="static", calibration=jq.MSE(num=8), decay=0.5)],
+        lambda: [
+            jq.FakeQuant(bits=8, ranges="static", calibration=jq.MSE(num=8), update_every=1, decay=0.5)
+        ],
     ),
     Case(
         "quant_fq_int4_asym_per_group_static",
