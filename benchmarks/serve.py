@@ -80,17 +80,17 @@ def speedups(model, params, batches, rounds, warmup, prefix="") -> dict:
   for mode, (bits, activations) in MODES.items():
     sp = served(model, params, bits)
 
-    def run(x, sp=sp, activations=activations):
+    def run(sp, x, activations=activations):
       with jc.export.compressed_dense(activations=activations):
         return model.apply({"params": sp}, x)
 
-    fns[mode] = (jax.jit(run), sp)
+    fns[mode] = (jax.jit(run), sp)  # the codes are arguments, as the float params are
   out = {}
   for b in batches:
     x = jax.random.normal(jax.random.key(b), (b, params["Dense_0"]["kernel"].shape[0]))
     runners = {"float": lambda x=x: float_fn(params, x).block_until_ready()}
-    for mode, (fn, _) in fns.items():
-      runners[mode] = lambda fn=fn, x=x: fn(x).block_until_ready()
+    for mode, (fn, sp) in fns.items():
+      runners[mode] = lambda fn=fn, sp=sp, x=x: fn(sp, x).block_until_ready()
     per = paired_times(runners, rounds=rounds, block=1, warmup=warmup)
     for mode in fns:
       out[f"{prefix}b{b}_{mode}"] = round(
