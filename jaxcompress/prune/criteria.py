@@ -275,10 +275,11 @@ class Wanda(Criterion):
     stat = jnp.asarray(ctx.stat)
     if not jnp.issubdtype(stat.dtype, jnp.floating):
       stat = stat.astype(jnp.float32)
-    bad = ~(stat >= 0)  # negative or NaN
     if not is_concrete(stat):
-      return jnp.any(bad)
-    where = np.flatnonzero(np.asarray(bad))
+      return jnp.any(~(stat >= 0))  # negative or NaN
+    # Concrete: check on the host (jnp ops here would be staged under an outer jit).
+    bad = ~(np.asarray(stat, np.float32) >= 0)
+    where = np.flatnonzero(bad)
     if where.size:
       raise ValueError(
           f"Wanda criterion at {ctx.path!r}: the activation-norm statistic has "
