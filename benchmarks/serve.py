@@ -13,7 +13,7 @@ accumulation). The CPU model and its int8 features come from /proc/cpuinfo.
 
 Targets: b1_w8 >= 1.0, b1_w4 >= 1.0, b16_w8a8 >= 2.0, b256_w8a8 >= 1.0, b16_w4 >= 1.5.
 
-Run: ``python benchmarks/serve.py`` (``--quick``: 512-wide, a few rounds). The
+Run: ``python benchmarks/serve.py`` (``--quick``: 256-wide, two rounds). The
 last line printed is one JSON object.
 """
 
@@ -32,7 +32,7 @@ import jaxcompress as jc
 from _common import paired_times
 
 FULL = {"d": 4096, "ffn": 16384, "batches": (1, 4, 16, 256), "rounds": 20, "warmup": 2}
-QUICK = {"d": 512, "ffn": 2048, "batches": (1, 16), "rounds": 3, "warmup": 1}
+QUICK = {"d": 256, "ffn": 1024, "batches": (1, 16), "rounds": 2, "warmup": 1}
 MODES = {"w8": (8, "float"), "w4": (4, "float"), "w8a8": (8, "int8")}
 TARGETS = {"b1_w8": 1.0, "b1_w4": 1.0, "b16_w8a8": 2.0, "b256_w8a8": 1.0, "b16_w4": 1.5}
 
@@ -126,7 +126,7 @@ def run(quick: bool = False) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="512-wide, a few rounds (smoke run)")
+  parser.add_argument("--quick", action="store_true", help="256-wide, two rounds (smoke run)")
   args = parser.parse_args()
   print(json.dumps(run(quick=args.quick)))
 
