@@ -483,13 +483,14 @@ def _encode_fake_quant(stage, ctx: EncodeContext) -> Encoding:
     scale, zp = state.scale, state.zero_point
   key = None if state is None or state.key is None else jax.random.wrap_key_data(state.key)
   q = _num.quantize(value, fmt, gran, scale=jnp.asarray(scale, jnp.float32), zero_point=zp,
-                    rounding=stage.rounding, key=key)
+                    rounding=stage.rounding, key=key, path=ctx.path)
   return Quantized(q, **_hints(ctx.previous))
 
 
 def _encode_lsq(stage, ctx: EncodeContext) -> Encoding:
   value = ctx.value
   fmt, gran = stage.fmt, stage.granularity
+  _num.check_finite(value, fmt, ctx.path)  # integer codes hold no NaN or inf
   step = jnp.maximum(ctx.params, jnp.float32(stage.min_step)).astype(jnp.float32)
   s = _num.expand_scale(step, value.shape, gran)
   codes = jnp.round(jnp.clip(value.astype(jnp.float32) / s, fmt.qmin, fmt.qmax))

@@ -195,3 +195,19 @@ def test_export_checks_its_inputs():
     jax.jit(lambda t: jc.export.export(spec, t, s).nbytes)(t)
   with pytest.raises(TypeError, match="decode: expected a jc.export.Artifact"):
     jc.export.decode({"w": 1})
+
+
+def test_nonfinite_weights_are_refused_at_export_naming_the_leaf():
+  import jax.numpy as jnp
+  import numpy as np
+  import pytest
+
+  import jaxcompress as jc
+
+  w = np.ones((4, 4), np.float32)
+  w[1, 2] = np.nan
+  for stage in (jc.quant.FakeQuant(bits=8), jc.quant.LSQ(bits=8)):
+    spec = jc.Spec([jc.Rule("layer/w", [stage])])
+    t, s = spec.init({"layer": {"w": jnp.asarray(w)}})
+    with pytest.raises(ValueError, match="layer/w"):
+      jc.export.export(spec, t, s)
