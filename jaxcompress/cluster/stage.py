@@ -48,7 +48,7 @@ class ClusterState(NamedTuple):
     >>> import jax.numpy as jnp, jaxcompress as jc
     >>> spec = jc.Spec([jc.Rule("w", [jc.cluster.kmeans(bits=1)])])
     >>> t, s = spec.init({"w": jnp.array([0.9, 1.1, 0.0, -2.0])})
-    >>> st = s["w"].stages["weight_sharing"]
+    >>> st = s["w"].stages["cluster"]
     >>> st.assignments.tolist(), bool(st.clustered)
     ([1, 1, 0, 0], True)
   """
@@ -97,7 +97,7 @@ class Cluster(Stage):
     [1.0, 1.0, 0.0, -2.0, -2.0]
   """
 
-  name: ClassVar[str] = "weight_sharing"
+  name: ClassVar[str] = "cluster"
 
   bits: int
   centroid_init: str = "optimal"

@@ -8,7 +8,7 @@
   ``update_every``: a calibration such as ``MSE()`` costs about a second per
   step on a 4096 x 4096 kernel).
 - ``LSQ``: learned step size quantization; the steps are trainable leaves of
-  the spec's ``trainable`` tree (``Compressed.params["step"]``), updated by the
+  the spec's ``trainable`` tree (``Compressed.params["step_size"]``), updated by the
   optimizer like any weight.
 
 A quantization state remembers, as static (non-traced) metadata, the format,
@@ -335,7 +335,7 @@ class LSQ(_Quantizer):
   """Learned step size quantization (Esser et al., 2020) of a weight.
 
   The steps (one per block of the granularity) are trainable: the leaf's
-  trainable becomes ``Compressed(weight, {"step": steps})``. ``apply`` gives
+  trainable becomes ``Compressed(weight, {"step_size": steps})``. ``apply`` gives
   ``clip(round(w / s), qmin, qmax) * s``; the step gradient is scaled by
   ``grad_scale`` (default ``1 / sqrt(N * qmax)``, ``N`` elements per step).
   Steps start at ``2 * mean(|w|) / sqrt(qmax)`` (the paper's choice) or from a
@@ -355,14 +355,14 @@ class LSQ(_Quantizer):
     >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> spec = jc.Spec([jc.Rule("w", [jc.quant.LSQ(bits=4)])])
     >>> t, s = spec.init({"w": jnp.ones((8, 2))})
-    >>> t["w"].params["step"].shape
+    >>> t["w"].params["step_size"].shape
     (1, 2)
     >>> g = jax.grad(lambda t: spec.apply(t, s)["w"].sum())(t)
-    >>> g["w"].params["step"].shape
+    >>> g["w"].params["step_size"].shape
     (1, 2)
   """
 
-  name: ClassVar[str] = "step"
+  name: ClassVar[str] = "step_size"
 
   init_calibration: _cal.Calibrator | None = None
   grad_scale: float | None = None

@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 import jaxcompress as jc
 import jaxcompress.cluster  # noqa: F401
 
-KEY = "weight_sharing"
+KEY = "cluster"
 
 
 def inertia(x, centroids):

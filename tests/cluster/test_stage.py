@@ -9,7 +9,7 @@ import pytest
 import jaxcompress as jc
 import jaxcompress.cluster  # noqa: F401
 
-KEY = "weight_sharing"
+KEY = "cluster"
 
 
 def np_lloyd(x, centroids, iters):

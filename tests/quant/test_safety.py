@@ -84,7 +84,7 @@ def test_stochastic_rounding_keeps_nonfinite_and_rounds_neighbours_on_their_grid
 def test_lsq_keeps_nonfinite_and_its_steps_and_gradients_stay_finite():
   spec = jc.Spec([jc.Rule("w", [jq.LSQ(bits=4)])])
   t, s = spec.init({"w": jnp.asarray(WBAD)})
-  step = np.asarray(t["w"].params["step"])[0]
+  step = np.asarray(t["w"].params["step_size"])[0]
   mean = np.array([np.abs(WBAD[FINITE[:, c], c]).mean() for c in range(4)])
   np.testing.assert_allclose(step, 2 * mean / np.sqrt(7), rtol=1e-6)
   out = np.asarray(jax.jit(spec.apply)(t, s)["w"])
@@ -92,7 +92,7 @@ def test_lsq_keeps_nonfinite_and_its_steps_and_gradients_stay_finite():
   expect = np.clip(np.round(WBAD / step), -8, 7) * step
   np.testing.assert_allclose(out[FINITE], expect[FINITE], rtol=1e-6)
   g = jax.jit(jax.grad(lambda t: jnp.sum(jnp.where(FINITE, spec.apply(t, s)["w"], 0.0))))(t)
-  assert np.all(np.isfinite(np.asarray(g["w"].params["step"])))
+  assert np.all(np.isfinite(np.asarray(g["w"].params["step_size"])))
 
 
 def test_prune_then_quantize_keeps_inf_and_spares_neighbours():

@@ -100,7 +100,7 @@ def test_lsq_steps_are_trainable_leaves_and_learn():
   loss = lambda mp, b: jnp.mean((b[0] @ mp["Dense_0"]["kernel"] - b[1]) ** 2)
   opt = optax.adam(3e-2)
   ts = jc.init_train_state(spec, opt, p)
-  step0 = np.asarray(ts.trainable["Dense_0"]["kernel"].params["step"])
+  step0 = np.asarray(ts.trainable["Dense_0"]["kernel"].params["step_size"])
   np.testing.assert_allclose(step0[0], 2 * np.abs(W0 * 1.3).mean(0) / np.sqrt(3), rtol=1e-6)
   train = jc.make_train_step(loss, spec, opt)
   first = None
@@ -108,9 +108,9 @@ def test_lsq_steps_are_trainable_leaves_and_learn():
     ts, m = train(ts, (x, y))
     first = float(m["loss"]) if first is None else first
   assert float(m["loss"]) < 0.5 * first
-  assert not np.allclose(np.asarray(ts.trainable["Dense_0"]["kernel"].params["step"]), step0)
+  assert not np.allclose(np.asarray(ts.trainable["Dense_0"]["kernel"].params["step_size"]), step0)
   out = spec.apply(ts.trainable, ts.spec_state)["Dense_0"]["kernel"]
-  steps = np.asarray(ts.trainable["Dense_0"]["kernel"].params["step"])
+  steps = np.asarray(ts.trainable["Dense_0"]["kernel"].params["step_size"])
   levels = np.asarray(out) / steps
   np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
   assert levels.min() >= -4 - 1e-4 and levels.max() <= 3 + 1e-4
