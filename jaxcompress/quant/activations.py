@@ -77,10 +77,12 @@ class InputRule:
       ``DenseGeneral``; NNX ``Linear``, ``LinearGeneral``, ``Einsum``).
 
   Example:
-    >>> rule = InputRule(pattern=r"Dense_\\d+", ranges="static")
+    >>> import jaxcompress as jc
+    >>> rule = jc.quant.InputRule(pattern=r"Dense_\\d+", ranges="static")
     >>> rule.bits
     8
-    >>> wide = InputRule(pattern=("head", lambda path, module: getattr(module, "features", 0) >= 1024))
+    >>> wide = jc.quant.InputRule(
+    ...     pattern=("head", lambda path, module: getattr(module, "features", 0) >= 1024))
     >>> wide.matches("block/Dense_0", None), wide.matches("head")
     (False, True)
   """
@@ -123,9 +125,11 @@ class InputRule:
       ``jc.Rule``.
 
     Example:
-      >>> InputRule(pattern=r"block/Dense_\\d").matches("block/Dense_1")
+      >>> import jaxcompress as jc
+      >>> jc.quant.InputRule(pattern=r"block/Dense_\\d").matches("block/Dense_1")
       True
-      >>> InputRule(pattern=("head", lambda path, m: path.endswith("_0"))).matches("block/Dense_0")
+      >>> rule = jc.quant.InputRule(pattern=("head", lambda path, m: path.endswith("_0")))
+      >>> rule.matches("block/Dense_0")
       True
     """
     return matches(self.pattern, path, module)
@@ -138,7 +142,8 @@ class InputRule:
       ``fp8_dot_general()``.
 
     Example:
-      >>> InputRule(pattern="Dense_0", matmul="int8").dot_general().dtype
+      >>> import jaxcompress as jc
+      >>> jc.quant.InputRule(pattern="Dense_0", matmul="int8").dot_general().dtype
       'int8'
     """
     if self.matmul == "int8":
@@ -343,11 +348,11 @@ def quantize_inputs(rules: Sequence[InputRule] | InputRule, *, calibrate: bool =
     Nothing; the interception is active inside the ``with`` block.
 
   Example:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxcompress as jc
     >>> model = nn.Dense(2)
     >>> x = jnp.array([[0.6, -1.0, 0.26]])
     >>> params = model.init(jax.random.key(0), x)
-    >>> with quantize_inputs([InputRule(pattern="", bits=2)]):
+    >>> with jc.quant.quantize_inputs([jc.quant.InputRule(pattern="", bits=2)]):
     ...   y = model.apply(params, x)
     >>> bool(jnp.allclose(y, model.apply(params, jnp.array([[1.0, -1.0, 0.0]]))))
     True
@@ -381,8 +386,8 @@ class InputRange(nnx.Variable):
     value: the array.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> r = InputRange(jnp.float32(2.5))
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> r = jc.quant.InputRange(jnp.float32(2.5))
     >>> float(r[...])
     2.5
   """
@@ -413,9 +418,10 @@ class QuantizedInput(nnx.Module):
     path: its path in the model, for messages.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> from flax import nnx
-    >>> layer = QuantizedInput(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), InputRule(pattern=""), "")
+    >>> layer = jc.quant.QuantizedInput(nnx.Linear(4, 2, rngs=nnx.Rngs(0)),
+    ...                                 jc.quant.InputRule(pattern=""), "")
     >>> layer(jnp.ones((3, 4))).shape
     (3, 2)
   """
@@ -454,10 +460,10 @@ class QuantizedInput(nnx.Module):
       None.
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax.numpy as jnp, jaxcompress as jc
       >>> from flax import nnx
-      >>> q = quantize_nnx_inputs(nnx.Linear(4, 2, rngs=nnx.Rngs(0)),
-      ...                         InputRule(pattern="", ranges="static"))
+      >>> q = jc.quant.quantize_nnx_inputs(nnx.Linear(4, 2, rngs=nnx.Rngs(0)),
+      ...                                  jc.quant.InputRule(pattern="", ranges="static"))
       >>> nnx.view(q, calibrate=True).calibrate, q.calibrate
       (True, False)
     """
@@ -504,10 +510,10 @@ def quantize_nnx_inputs(model: nnx.Module, rules: Sequence[InputRule] | InputRul
       product of a layer without a ``dot_general`` (``Conv``).
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> from flax import nnx
     >>> layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-    >>> qlayer = quantize_nnx_inputs(layer, [InputRule(pattern="", bits=2)])
+    >>> qlayer = jc.quant.quantize_nnx_inputs(layer, [jc.quant.InputRule(pattern="", bits=2)])
     >>> x = jnp.array([[0.6, -1.0, 0.26]])
     >>> bool(jnp.allclose(qlayer(x), layer(jnp.array([[1.0, -1.0, 0.0]]))))
     True

@@ -59,10 +59,9 @@ class Calibrator:
       ``numerics.scale_from_range(*self(x, fmt, granularity), fmt)``.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> from jaxcompress.quant.calibration import AbsMax
-      >>> from jaxcompress.quant.numerics import Format, PerTensor
-      >>> s, z = AbsMax().scale(jnp.array([1.0, -7.0]), Format(bits=4), PerTensor())
+      >>> import jax.numpy as jnp, jaxcompress as jc
+      >>> s, z = jc.quant.AbsMax().scale(jnp.array([1.0, -7.0]), jc.quant.Format(bits=4),
+      ...                                  jc.quant.PerTensor())
       >>> s.tolist(), z
       ([1.0], None)
     """
@@ -75,10 +74,9 @@ class AbsMax(Calibrator):
   """Ranges ``[-max |x|, max |x|]`` per block.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.calibration import AbsMax
-    >>> from jaxcompress.quant.numerics import Format, PerChannel
-    >>> lo, hi = AbsMax()(jnp.array([[1.0, -2.0], [-3.0, 0.5]]), Format(), PerChannel())
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> lo, hi = jc.quant.AbsMax()(jnp.array([[1.0, -2.0], [-3.0, 0.5]]), jc.quant.Format(),
+    ...                            jc.quant.PerChannel())
     >>> lo.tolist(), hi.tolist()
     ([[-3.0, -2.0]], [[3.0, 2.0]])
   """
@@ -94,10 +92,8 @@ class MinMax(Calibrator):
   """Ranges ``[min x, max x]`` per block.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.calibration import MinMax
-    >>> from jaxcompress.quant.numerics import Format, PerTensor
-    >>> lo, hi = MinMax()(jnp.array([1.0, -2.0, 4.0]), Format(), PerTensor())
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> lo, hi = jc.quant.MinMax()(jnp.array([1.0, -2.0, 4.0]), jc.quant.Format(), jc.quant.PerTensor())
     >>> lo.tolist(), hi.tolist()
     ([-2.0], [4.0])
   """
@@ -123,10 +119,8 @@ class Percentile(Calibrator):
     q: the percentile, in ``(0, 100]``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.calibration import Percentile
-    >>> from jaxcompress.quant.numerics import Format, PerTensor
-    >>> lo, hi = Percentile(q=50.0)(jnp.arange(5.0), Format(), PerTensor())
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> lo, hi = jc.quant.Percentile(q=50.0)(jnp.arange(5.0), jc.quant.Format(), jc.quant.PerTensor())
     >>> hi.tolist()
     [2.0]
   """
@@ -166,11 +160,9 @@ class MSE(Calibrator):
     min_ratio: the smallest ratio, in ``(0, 1]``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.calibration import MSE
-    >>> from jaxcompress.quant.numerics import Format, PerTensor
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> x = jnp.concatenate([jnp.linspace(-1.0, 1.0, 1001), jnp.array([3.0])])
-    >>> lo, hi = MSE()(x, Format(bits=4), PerTensor())
+    >>> lo, hi = jc.quant.MSE()(x, jc.quant.Format(bits=4), jc.quant.PerTensor())
     >>> bool(hi[0] < 2.0)
     True
   """
@@ -226,9 +218,9 @@ def default_calibrator(fmt: Format) -> Calibrator:
     The calibrator used when none is given.
 
   Example:
+    >>> import jaxcompress as jc
     >>> from jaxcompress.quant.calibration import default_calibrator
-    >>> from jaxcompress.quant.numerics import Format
-    >>> default_calibrator(Format(symmetric=False))
+    >>> default_calibrator(jc.quant.Format(symmetric=False))
     MinMax()
   """
   return AbsMax() if fmt.symmetric else MinMax()
@@ -263,8 +255,8 @@ def ema_init(shape: tuple[int, ...]) -> RangeEMA:
     ``RangeEMA`` of zeros with ``count = 0``.
 
   Example:
-    >>> from jaxcompress.quant.calibration import ema_init
-    >>> ema_init((1, 4)).lo.shape
+    >>> import jaxcompress as jc
+    >>> jc.quant.ema_init((1, 4)).lo.shape
     (1, 4)
   """
   zeros = jnp.zeros(shape, jnp.float32)
@@ -286,10 +278,9 @@ def ema_update(ema: RangeEMA, lo: Array, hi: Array, decay: float) -> RangeEMA:
     The updated ``RangeEMA``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.calibration import ema_init, ema_update
-    >>> e = ema_update(ema_init(()), jnp.float32(-2.0), jnp.float32(2.0), 0.5)
-    >>> e = ema_update(e, jnp.float32(-4.0), jnp.float32(4.0), 0.5)
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> e = jc.quant.ema_update(jc.quant.ema_init(()), jnp.float32(-2.0), jnp.float32(2.0), 0.5)
+    >>> e = jc.quant.ema_update(e, jnp.float32(-4.0), jnp.float32(4.0), 0.5)
     >>> float(e.hi), int(e.count)
     (3.0, 2)
   """

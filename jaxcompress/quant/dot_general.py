@@ -59,8 +59,8 @@ class QuantizedDotGeneral:
       without fp8 matmuls such as XLA on CPU; the product is the same.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> dg = QuantizedDotGeneral(dtype="int8", bits=4)
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> dg = jc.quant.QuantizedDotGeneral(dtype="int8", bits=4)
     >>> dg.fmt.qmin, dg.fmt.qmax
     (-7, 7)
     >>> y = dg(jnp.array([[7.0, -3.5]]), jnp.array([[1.0], [1.0]]), (((1,), (0,)), ((), ())))
@@ -138,10 +138,10 @@ class QuantizedDotGeneral:
       The product, with the dtype ``jax.lax.dot_general`` would give.
 
     Example:
-      >>> import jax, jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp, jaxcompress as jc
       >>> x = jax.random.normal(jax.random.key(0), (4, 64))
       >>> w = jax.random.normal(jax.random.key(1), (64, 8))
-      >>> y = int8_dot_general()(x, w, (((1,), (0,)), ((), ())))
+      >>> y = jc.quant.int8_dot_general()(x, w, (((1,), (0,)), ((), ())))
       >>> y.dtype, bool(jnp.abs(y - x @ w).max() < 0.05 * jnp.abs(x @ w).max())
       (dtype('float32'), True)
     """
@@ -165,9 +165,9 @@ class QuantizedDotGeneral:
       The einsum, with quantized products.
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax.numpy as jnp, jaxcompress as jc
       >>> x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
-      >>> int8_dot_general().einsum("btk,kn->btn", x, w)[0, 0, 0].tolist()
+      >>> jc.quant.int8_dot_general().einsum("btk,kn->btn", x, w)[0, 0, 0].tolist()
       4.0
     """
     return jnp.einsum(subscripts, *operands, _dot_general=self, **kwargs)
@@ -200,8 +200,8 @@ def int8_dot_general(
     ``flax.linen.Dense``/``DenseGeneral`` or ``flax.nnx.Linear``/``LinearGeneral``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> layer = nn.Dense(3, dot_general=int8_dot_general())
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxcompress as jc
+    >>> layer = nn.Dense(3, dot_general=jc.quant.int8_dot_general())
     >>> x = jnp.ones((2, 4))
     >>> params = layer.init(jax.random.key(0), x)
     >>> layer.apply(params, x).shape
@@ -238,10 +238,10 @@ def fp8_dot_general(
     A ``QuantizedDotGeneral``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> x = jnp.array([[448.0, 1.0]])
     >>> w = jnp.array([[1.0], [1.0]])
-    >>> y = fp8_dot_general()(x, w, (((1,), (0,)), ((), ())))
+    >>> y = jc.quant.fp8_dot_general()(x, w, (((1,), (0,)), ((), ())))
     >>> round(float(y[0, 0]), 3)
     449.0
   """

@@ -94,11 +94,11 @@ class Format:
       around zero (``[-127, 127]`` for 8 bits).
 
   Example:
-    >>> from jaxcompress.quant.numerics import Format
-    >>> f = Format(bits=4)
+    >>> import jaxcompress as jc
+    >>> f = jc.quant.Format(bits=4)
     >>> f.qmin, f.qmax, f.storage_dtype
     (-8, 7, dtype(int4))
-    >>> Format(bits=8, narrow_range=True).qmin
+    >>> jc.quant.Format(bits=8, narrow_range=True).qmin
     -127
   """
 
@@ -145,8 +145,8 @@ class Format:
     straight-through estimator passes the gradient inside this range.
 
     Example:
-      >>> from jaxcompress.quant.numerics import Format
-      >>> Format(bits=4).rounding_range, Format(dtype="float8_e4m3fn").rounding_range
+      >>> import jaxcompress as jc
+      >>> jc.quant.Format(bits=4).rounding_range, jc.quant.Format(dtype="float8_e4m3fn").rounding_range
       ((-8.5, 7.5), (-464.0, 464.0))
     """
     if self.is_float:
@@ -160,8 +160,8 @@ class Format:
     """True when the storage dtype can hold the non-finite ``value`` (NaN or +-inf).
 
     Example:
-      >>> from jaxcompress.quant.numerics import Format
-      >>> Format().holds(float("nan")), Format(dtype="float8_e5m2").holds(float("inf"))
+      >>> import jaxcompress as jc
+      >>> jc.quant.Format().holds(float("nan")), jc.quant.Format(dtype="float8_e5m2").holds(float("inf"))
       (False, True)
     """
     if not self.is_float:
@@ -181,8 +181,8 @@ class Format:
       None.
 
     Example:
-      >>> from jaxcompress.quant.numerics import Format
-      >>> Format(bits=9)
+      >>> import jaxcompress as jc
+      >>> jc.quant.Format(bits=9)
       Traceback (most recent call last):
       ...
       ValueError: Format: bits=9 is not supported; integer quantization takes bits from 2 to 8 ...
@@ -268,8 +268,8 @@ class Granularity:
       None.
 
     Example:
-      >>> from jaxcompress.quant.numerics import PerGroup
-      >>> PerGroup(size=3).check((8, 4), "Dense_0/kernel")
+      >>> import jaxcompress as jc
+      >>> jc.quant.PerGroup(size=3).check((8, 4), "Dense_0/kernel")
       Traceback (most recent call last):
       ...
       ValueError: Dense_0/kernel: PerGroup(size=3) does not divide axis -2 of size 8 ...
@@ -286,8 +286,8 @@ class PerTensor(Granularity):
   """One scale for the whole tensor.
 
   Example:
-    >>> from jaxcompress.quant.numerics import PerTensor
-    >>> PerTensor().scale_shape((16, 32))
+    >>> import jaxcompress as jc
+    >>> jc.quant.PerTensor().scale_shape((16, 32))
     (1, 1)
   """
 
@@ -307,10 +307,10 @@ class PerChannel(Granularity):
       Flax kernels keep output features last: the default ``-1``.
 
   Example:
-    >>> from jaxcompress.quant.numerics import PerChannel
-    >>> PerChannel().scale_shape((16, 32))
+    >>> import jaxcompress as jc
+    >>> jc.quant.PerChannel().scale_shape((16, 32))
     (1, 32)
-    >>> PerChannel(axis=0).scale_shape((16, 32))
+    >>> jc.quant.PerChannel(axis=0).scale_shape((16, 32))
     (16, 1)
   """
 
@@ -360,8 +360,8 @@ class PerGroup(Granularity):
     axis: the axis split into groups.
 
   Example:
-    >>> from jaxcompress.quant.numerics import PerGroup
-    >>> PerGroup(size=4).scale_shape((16, 32))
+    >>> import jaxcompress as jc
+    >>> jc.quant.PerGroup(size=4).scale_shape((16, 32))
     (4, 32)
   """
 
@@ -416,8 +416,9 @@ def check(fmt: Format, granularity: Granularity, shape: tuple[int, ...], path: s
     the fix.
 
   Example:
-    >>> from jaxcompress.quant.numerics import Format, PerGroup, check
-    >>> check(Format(bits=4), PerGroup(size=48), (128, 8), "Dense_0/kernel")
+    >>> import jaxcompress as jc
+    >>> from jaxcompress.quant.numerics import check
+    >>> check(jc.quant.Format(bits=4), jc.quant.PerGroup(size=48), (128, 8), "Dense_0/kernel")
     Traceback (most recent call last):
     ...
     ValueError: Dense_0/kernel: PerGroup(size=48) does not divide axis -2 of size 128 ...
@@ -451,10 +452,10 @@ def reduce_blocks(x: Array, granularity: Granularity, fn: Callable[..., Array]) 
     An array of shape ``granularity.scale_shape(x.shape)``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import PerGroup, reduce_blocks
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> from jaxcompress.quant.numerics import reduce_blocks
     >>> x = jnp.arange(8.0).reshape(4, 2)
-    >>> reduce_blocks(x, PerGroup(size=2, axis=0), jnp.max).tolist()
+    >>> reduce_blocks(x, jc.quant.PerGroup(size=2, axis=0), jnp.max).tolist()
     [[2.0, 3.0], [6.0, 7.0]]
   """
   view, axes = granularity._blocks(x)
@@ -475,9 +476,10 @@ def expand_scale(scale: Array, shape: tuple[int, ...], granularity: Granularity)
     already broadcasts).
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import PerGroup, expand_scale
-    >>> expand_scale(jnp.array([[1.0], [2.0]]), (4, 1), PerGroup(size=2, axis=0)).ravel().tolist()
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> from jaxcompress.quant.numerics import expand_scale
+    >>> s = expand_scale(jnp.array([[1.0], [2.0]]), (4, 1), jc.quant.PerGroup(size=2, axis=0))
+    >>> s.ravel().tolist()
     [1.0, 1.0, 2.0, 2.0]
   """
   if isinstance(granularity, PerGroup):
@@ -515,9 +517,9 @@ def scale_from_range(lo: Array, hi: Array, fmt: Format) -> tuple[Array, Array | 
     ``None`` for symmetric formats, else integer-valued in the storage dtype.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import Format, scale_from_range
-    >>> s, z = scale_from_range(jnp.array(-1.0), jnp.array(3.0), Format(bits=8, symmetric=False))
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> s, z = jc.quant.scale_from_range(jnp.array(-1.0), jnp.array(3.0),
+    ...                                  jc.quant.Format(bits=8, symmetric=False))
     >>> round(float(s) * 255, 4), int(z)
     (4.0, -64)
   """
@@ -548,9 +550,9 @@ def compute_scale(
     ``scale_from_range`` gives them.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import Format, PerChannel, compute_scale
-    >>> s, z = compute_scale(jnp.array([[1.0, -2.0], [-0.5, 0.0]]), Format(bits=8), PerChannel())
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> s, z = jc.quant.compute_scale(jnp.array([[1.0, -2.0], [-0.5, 0.0]]), jc.quant.Format(bits=8),
+    ...                               jc.quant.PerChannel())
     >>> (s * 127).tolist(), z
     ([[1.0, 2.0]], None)
   """
@@ -613,10 +615,10 @@ def check_finite(
     None; raises ``ValueError``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import Format, check_finite
-    >>> check_finite(jnp.array([1.0, jnp.nan]), Format(dtype="float8_e5m2"), "w")
-    >>> check_finite(jnp.array([1.0, jnp.nan]), Format(bits=8), "w")
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> from jaxcompress.quant.numerics import check_finite
+    >>> check_finite(jnp.array([1.0, jnp.nan]), jc.quant.Format(dtype="float8_e5m2"), "w")
+    >>> check_finite(jnp.array([1.0, jnp.nan]), jc.quant.Format(bits=8), "w")
     Traceback (most recent call last):
     ...
     ValueError: w: 1 non-finite value(s) (first nan at index (1,)) cannot be encoded in int8; ...
@@ -677,9 +679,9 @@ def to_grid(
     representable in ``fmt.storage_dtype``).
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import Format, to_grid
-    >>> to_grid(jnp.array([0.5, 1.5, -9.0, 2.4]), Format(bits=4)).tolist()
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> from jaxcompress.quant.numerics import to_grid
+    >>> to_grid(jnp.array([0.5, 1.5, -9.0, 2.4]), jc.quant.Format(bits=4)).tolist()
     [0.0, 2.0, -8.0, 2.0]
   """
   if rounding not in _ROUNDINGS:
@@ -724,9 +726,8 @@ class QArray:
     dtype: the dtype of the original tensor (what ``dequantize`` returns).
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import quantize
-    >>> q = quantize(jnp.array([[1.0, -2.0], [0.5, 4.0]]))
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> q = jc.quant.quantize(jnp.array([[1.0, -2.0], [0.5, 4.0]]))
     >>> q.values.dtype, q.scale.shape, q.shape
     (dtype('int8'), (1, 2), (2, 2))
   """
@@ -799,9 +800,9 @@ def quantize(
     A ``QArray``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import Format, PerTensor, quantize
-    >>> q = quantize(jnp.array([0.0, 1.0, -0.6, 3.5]), Format(bits=4), PerTensor())
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> q = jc.quant.quantize(jnp.array([0.0, 1.0, -0.6, 3.5]), jc.quant.Format(bits=4),
+    ...                       jc.quant.PerTensor())
     >>> q.values.tolist(), q.scale.tolist()
     ([0, 2, -1, 7], [0.5])
     >>> q.dequantize().tolist()
@@ -861,10 +862,9 @@ def dequantize(q: QArray, dtype: Any = None) -> Array:
     An array of ``q.shape``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import dequantize, quantize
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> x = jnp.array([[0.5, -1.0], [1.0, 2.0]], jnp.bfloat16)
-    >>> y = dequantize(quantize(x))
+    >>> y = jc.quant.dequantize(jc.quant.quantize(x))
     >>> y.dtype, bool(jnp.abs(y - x).max() < 0.02)
     (dtype(bfloat16), True)
   """
@@ -899,11 +899,11 @@ def fake_quant(
     An array like ``x`` holding grid values times the scale.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import Format, PerTensor, fake_quant
-    >>> fake_quant(jnp.array([0.1, 1.0]), Format(bits=2), PerTensor()).tolist()
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> jc.quant.fake_quant(jnp.array([0.1, 1.0]), jc.quant.Format(bits=2), jc.quant.PerTensor()).tolist()
     [0.0, 1.0]
-    >>> fake_quant(jnp.array([0.5, jnp.nan, -2.18, 3.61]), Format(bits=4), PerTensor()).tolist()
+    >>> jc.quant.fake_quant(jnp.array([0.5, jnp.nan, -2.18, 3.61]), jc.quant.Format(bits=4),
+    ...                     jc.quant.PerTensor()).tolist()
     [0.515..., nan, -2.062..., 3.61...]
   """
   fmt = Format() if fmt is None else fmt
@@ -928,8 +928,9 @@ def num_bits(fmt: Format) -> int:
     ``fmt.bits`` for integers, 8 for float8.
 
   Example:
-    >>> from jaxcompress.quant.numerics import Format, num_bits
-    >>> num_bits(Format(bits=3)), num_bits(Format(dtype="float8_e5m2"))
+    >>> import jaxcompress as jc
+    >>> from jaxcompress.quant.numerics import num_bits
+    >>> num_bits(jc.quant.Format(bits=3)), num_bits(jc.quant.Format(dtype="float8_e5m2"))
     (3, 8)
   """
   return 8 if fmt.is_float else int(fmt.bits)

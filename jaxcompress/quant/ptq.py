@@ -304,11 +304,10 @@ def gptq(
       time when traced), or a setting is invalid.
 
   Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jaxcompress.quant.ptq import gptq
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> w = jax.random.normal(jax.random.key(0), (32, 8))
     >>> x = jax.random.normal(jax.random.key(1), (256, 32))
-    >>> q = gptq(w, x, bits=4)
+    >>> q = jc.quant.gptq(w, x, bits=4)
     >>> q.values.dtype, q.scale.shape
     (dtype(int4), (1, 8))
   """

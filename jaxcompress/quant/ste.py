@@ -59,9 +59,9 @@ def round_ste(x: Array) -> Array:
     ``jnp.round(x)`` with the gradient of ``x``.
 
   Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jaxcompress.quant.ste import round_ste
-    >>> round_ste(jnp.array([0.4, 2.5])).tolist(), jax.grad(lambda x: round_ste(x).sum())(jnp.array([0.4, 2.5])).tolist()
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> x = jnp.array([0.4, 2.5])
+    >>> jc.quant.round_ste(x).tolist(), jax.grad(lambda x: jc.quant.round_ste(x).sum())(x).tolist()
     ([0.0, 2.0], [1.0, 1.0])
   """
   return x + jax.lax.stop_gradient(jnp.round(x) - x)
@@ -167,11 +167,9 @@ def fake_quant_ste(
     ``numerics.fake_quant(x, ...)`` (bit for bit), with the estimator's gradient.
 
   Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import Format, PerTensor
-    >>> from jaxcompress.quant.ste import fake_quant_ste
-    >>> f = lambda x: fake_quant_ste(x, Format(bits=4), PerTensor(), scale=jnp.ones((1,)),
-    ...                              estimator="clipped").sum()
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> f = lambda x: jc.quant.fake_quant_ste(x, jc.quant.Format(bits=4), jc.quant.PerTensor(),
+    ...                                       scale=jnp.ones((1,)), estimator="clipped").sum()
     >>> jax.grad(f)(jnp.array([0.3, 7.4, 9.0])).tolist()
     [1.0, 1.0, 0.0]
   """
@@ -204,9 +202,9 @@ def lsq_grad_scale(n: int, fmt: Format) -> float:
     The factor as a Python float.
 
   Example:
-    >>> from jaxcompress.quant.numerics import Format
+    >>> import jaxcompress as jc
     >>> from jaxcompress.quant.ste import lsq_grad_scale
-    >>> lsq_grad_scale(16, Format(bits=2))
+    >>> lsq_grad_scale(16, jc.quant.Format(bits=2))
     0.25
   """
   return 1.0 / math.sqrt(n * fmt.qmax)
@@ -226,10 +224,9 @@ def lsq_init_step(x: Array, fmt: Format, granularity: Granularity) -> Array:
     float32 steps of shape ``granularity.scale_shape(x.shape)``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import Format, PerTensor
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> from jaxcompress.quant.ste import lsq_init_step
-    >>> lsq_init_step(jnp.array([1.0, -3.0]), Format(bits=2), PerTensor()).tolist()
+    >>> lsq_init_step(jnp.array([1.0, -3.0]), jc.quant.Format(bits=2), jc.quant.PerTensor()).tolist()
     [4.0]
   """
   xf = x.astype(jnp.float32)
@@ -269,11 +266,9 @@ def lsq_fake_quant(
     The fake-quantized tensor.
 
   Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jaxcompress.quant.numerics import Format, PerTensor
-    >>> from jaxcompress.quant.ste import lsq_fake_quant
-    >>> f = lambda s: lsq_fake_quant(jnp.array([0.25, 9.0]), s, Format(bits=3), PerTensor(),
-    ...                              grad_scale=1.0).sum()
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> f = lambda s: jc.quant.lsq_fake_quant(jnp.array([0.25, 9.0]), s, jc.quant.Format(bits=3),
+    ...                                       jc.quant.PerTensor(), grad_scale=1.0).sum()
     >>> float(f(jnp.ones((1,)))), jax.grad(f)(jnp.ones((1,))).tolist()
     (3.0, [2.75])
   """
@@ -319,12 +314,11 @@ def pact_quant(x: Array, alpha: Array, *, bits: int = 8, signed: bool = False) -
     The fake-quantized activations.
 
   Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jaxcompress.quant.ste import pact_quant
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> x = jnp.array([-1.0, 0.5, 2.9, 7.0])
-    >>> pact_quant(x, jnp.float32(3.0), bits=2).tolist()
+    >>> jc.quant.pact_quant(x, jnp.float32(3.0), bits=2).tolist()
     [0.0, 0.0, 3.0, 3.0]
-    >>> float(jax.grad(lambda a: pact_quant(x, a, bits=2).sum())(jnp.float32(3.0)))
+    >>> float(jax.grad(lambda a: jc.quant.pact_quant(x, a, bits=2).sum())(jnp.float32(3.0)))
     1.0
   """
   check_int("pact_quant", "bits", bits, low=2, high=8)
