@@ -27,7 +27,8 @@ def huffman_code_lengths(counts: np.ndarray | list[int]) -> np.ndarray:
     ValueError: for negative or non-integer counts, or not one-dimensional.
 
   Example:
-    >>> huffman_code_lengths([8, 4, 2, 1, 1]).tolist()
+    >>> import jaxcompress as jc
+    >>> jc.cluster.huffman_code_lengths([8, 4, 2, 1, 1]).tolist()
     [1, 2, 3, 4, 4]
   """
   c = np.asarray(counts)
@@ -88,8 +89,8 @@ def relative_index(nonzero: np.ndarray, index_bits: int) -> tuple[np.ndarray, np
     ValueError: for ``index_bits < 1``.
 
   Example:
-    >>> import numpy as np
-    >>> runs, filler = relative_index(np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], bool), 3)
+    >>> import numpy as np, jaxcompress as jc
+    >>> runs, filler = jc.cluster.relative_index(np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], bool), 3)
     >>> runs.tolist(), filler.tolist()
     ([0, 7, 1], [False, True, False])
   """

@@ -36,6 +36,7 @@ def check_int(where: str, name: str, value: Any, *, low: int | None = None, high
   """Returns ``value`` as an int, or raises naming ``where``, the value and the range.
 
   Example:
+    >>> from jaxcompress.core.checks import check_int
     >>> check_int("FakeQuant", "bits", 8, low=2, high=8)
     8
     >>> check_int("FakeQuant", "bits", 9, low=2, high=8)
@@ -68,6 +69,7 @@ def check_number(
   NaN and values outside ``[low, high]`` (open ends where asked) are refused.
 
   Example:
+    >>> from jaxcompress.core.checks import check_number
     >>> check_number("soft_target_loss", "temperature", 2, low=0, low_open=True)
     2.0
     >>> check_number("soft_target_loss", "temperature", 0.0, low=0, low_open=True)
@@ -106,6 +108,7 @@ def error_if(pred: Any, message: str) -> None:
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from jaxcompress.core.checks import error_if
     >>> error_if(jnp.isnan(jnp.float32(1.0)), "w is NaN")
     >>> error_if(jnp.isnan(jnp.float32("nan")), "w is NaN")
     Traceback (most recent call last):

@@ -57,7 +57,8 @@ def constant(value: float) -> Schedule:
   """A schedule that is ``value`` at every step.
 
   Example:
-    >>> float(constant(0.5)(100))
+    >>> import jaxcompress as jc
+    >>> float(jc.schedules.constant(0.5)(100))
     0.5
   """
   value = check_number("constant", "value", value)
@@ -75,7 +76,8 @@ def linear(init_value: float, end_value: float, *, begin_step: int = 0, end_step
   Constant before and after.
 
   Example:
-    >>> float(linear(0.0, 1.0, begin_step=0, end_step=10)(5))
+    >>> import jaxcompress as jc
+    >>> float(jc.schedules.linear(0.0, 1.0, begin_step=0, end_step=10)(5))
     0.5
   """
   return polynomial(init_value, end_value, begin_step=begin_step, end_step=end_step, power=1.0)
@@ -90,7 +92,8 @@ def polynomial(
   ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3``.
 
   Example:
-    >>> round(float(polynomial(0.0, 0.9, begin_step=0, end_step=100)(50)), 6)
+    >>> import jaxcompress as jc
+    >>> round(float(jc.schedules.polynomial(0.0, 0.9, begin_step=0, end_step=100)(50)), 6)
     0.7875
   """
   _check_steps("polynomial", begin_step=begin_step, end_step=end_step)
@@ -113,7 +116,8 @@ def cosine(init_value: float, end_value: float, *, begin_step: int = 0, end_step
   """Half-cosine from ``init_value`` to ``end_value`` between the two steps.
 
   Example:
-    >>> round(float(cosine(1.0, 0.0, end_step=100)(50)), 6)
+    >>> import jaxcompress as jc
+    >>> round(float(jc.schedules.cosine(1.0, 0.0, end_step=100)(50)), 6)
     0.5
   """
   _check_steps("cosine", begin_step=begin_step, end_step=end_step)
@@ -135,7 +139,8 @@ def piecewise(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
   ``values`` has one more entry than ``boundaries``, which must increase.
 
   Example:
-    >>> s = piecewise([10, 20], [0.0, 0.5, 0.9])
+    >>> import jaxcompress as jc
+    >>> s = jc.schedules.piecewise([10, 20], [0.0, 0.5, 0.9])
     >>> [round(float(s(i)), 6) for i in (0, 10, 25)]
     [0.0, 0.5, 0.9]
   """
@@ -206,8 +211,11 @@ def check_schedule(
     samples: how many steps between the ends a user function is evaluated at.
 
   Example:
-    >>> check_schedule("Prune", "sparsity", linear(0.0, 0.9, end_step=10), low=0, high=1, high_open=True)
-    >>> check_schedule("Prune", "sparsity", lambda step: step / 10, low=0, high=1, high_open=True, end_step=20)
+    >>> import jaxcompress as jc
+    >>> jc.schedules.check_schedule("Prune", "sparsity", jc.schedules.linear(0.0, 0.9, end_step=10),
+    ...                             low=0, high=1, high_open=True)
+    >>> jc.schedules.check_schedule("Prune", "sparsity", lambda step: step / 10,
+    ...                             low=0, high=1, high_open=True, end_step=20)
     Traceback (most recent call last):
     ...
     ValueError: Prune: sparsity must stay in [0, 1), but the schedule gives 1.0 at step 10. ...

@@ -145,6 +145,7 @@ def topk_masks(
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from jaxcompress.core.select import topk_masks
     >>> [m.tolist() for m in topk_masks([jnp.array([3., 1.]), jnp.array([2., 5.])], 2)]
     [[True, False], [False, True]]
   """

@@ -29,6 +29,7 @@ def derive(param_sharding: Any, param_shape: tuple[int, ...], shape: tuple[int, 
   Example:
     >>> import jax
     >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> from jaxcompress.core.sharding import derive
     >>> mesh = jax.make_mesh((1,), ("model",))
     >>> tuple(derive(NamedSharding(mesh, P(None, "model")), (8, 4), (1, 4)).spec)
     (None, 'model')
@@ -50,6 +51,7 @@ def explicit_sharding(x: Any) -> Any:
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from jaxcompress.core.sharding import explicit_sharding
     >>> explicit_sharding(jnp.ones(3)) is None  # no mesh
     True
   """
@@ -86,6 +88,7 @@ def replicate_explicit(tree: Any) -> tuple[Any, bool]:
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> from jaxcompress.core.sharding import replicate_explicit
     >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
     ...                      devices=jax.devices()[:2])
     >>> w = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P("model")))
@@ -115,6 +118,7 @@ def reshard_like(tree: Any, param: Any) -> Any:
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> from jaxcompress.core.sharding import reshard_like
     >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
     ...                      devices=jax.devices()[:2])
     >>> w = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P(None, "model")))
@@ -141,6 +145,7 @@ def reshard_as(tree: Any, like: Any) -> Any:
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> from jaxcompress.core.sharding import reshard_as
     >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
     ...                      devices=jax.devices()[:2])
     >>> old = {"mask": jax.device_put(jnp.ones((4, 2), bool), NamedSharding(mesh, P("model")))}
@@ -169,6 +174,7 @@ def unshard_axes(x: Any, axes: tuple[int, ...]) -> Any:
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> from jaxcompress.core.sharding import unshard_axes
     >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
     ...                      devices=jax.devices()[:2])
     >>> u = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P(None, "model")))

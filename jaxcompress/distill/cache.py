@@ -51,8 +51,8 @@ class TopKCache(NamedTuple):
     temperature: the temperature ``logsumexp`` was taken at.
 
   Example:
-    >>> import tempfile, jax.numpy as jnp
-    >>> cache = write_topk_cache(tempfile.mkdtemp(), lambda x: x, jnp.eye(3), k=2)
+    >>> import tempfile, jax.numpy as jnp, jaxcompress as jc
+    >>> cache = jc.distill.write_topk_cache(tempfile.mkdtemp(), lambda x: x, jnp.eye(3), k=2)
     >>> cache.indices.shape, cache.logsumexp.shape
     ((3, 2), (3,))
   """
@@ -68,9 +68,9 @@ class TopKCache(NamedTuple):
     """The cached ``TopKLogits`` of the examples ``ids`` (a slice or index array).
 
     Example:
-      >>> import tempfile, jax.numpy as jnp
+      >>> import tempfile, jax.numpy as jnp, jaxcompress as jc
       >>> d = tempfile.mkdtemp()
-      >>> cache = write_topk_cache(d, lambda x: x, jnp.eye(4), k=2, batch_size=4)
+      >>> cache = jc.distill.write_topk_cache(d, lambda x: x, jnp.eye(4), k=2, batch_size=4)
       >>> cache.topk(slice(0, 2)).indices.shape
       (2, 2)
     """
@@ -109,10 +109,10 @@ def write_topk_cache(
     The ``TopKCache``, memory-mapped read-only.
 
   Example:
-    >>> import tempfile, jax.numpy as jnp
+    >>> import tempfile, jax.numpy as jnp, jaxcompress as jc
     >>> d = tempfile.mkdtemp()
     >>> logits = jnp.array([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
-    >>> cache = write_topk_cache(d, lambda x: x, logits, k=1, batch_size=2)
+    >>> cache = jc.distill.write_topk_cache(d, lambda x: x, logits, k=1, batch_size=2)
     >>> cache.indices[:, 0].tolist()
     [1, 0, 2]
   """
@@ -207,10 +207,10 @@ def load_topk_cache(directory: str | os.PathLike) -> TopKCache:
       or files whose shapes disagree with the metadata.
 
   Example:
-    >>> import tempfile, jax.numpy as jnp
+    >>> import tempfile, jax.numpy as jnp, jaxcompress as jc
     >>> d = tempfile.mkdtemp()
-    >>> _ = write_topk_cache(d, lambda x: 2.0 * x, jnp.eye(3), k=2, temperature=2.0)
-    >>> cache = load_topk_cache(d)
+    >>> _ = jc.distill.write_topk_cache(d, lambda x: 2.0 * x, jnp.eye(3), k=2, temperature=2.0)
+    >>> cache = jc.distill.load_topk_cache(d)
     >>> cache.k, cache.vocab_size, cache.temperature, cache.values.shape
     (2, 3, 2.0, (3, 2))
   """

@@ -97,8 +97,8 @@ def feature_mse_loss(
     ``mean((student - teacher)^2, axis=-1)``, shape ``[...]``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> feature_mse_loss(jnp.array([[1.0, 2.0]]), jnp.array([[0.0, 0.0]])).tolist()
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> jc.distill.feature_mse_loss(jnp.array([[1.0, 2.0]]), jnp.array([[0.0, 0.0]])).tolist()
     [2.5]
   """
   fn = "feature_mse_loss"
@@ -134,8 +134,8 @@ def feature_cosine_loss(
     The distance per position, shape ``[...]``, in ``[0, 2]``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> feature_cosine_loss(jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 3.0]])).tolist()
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> jc.distill.feature_cosine_loss(jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 3.0]])).tolist()
     [1.0]
   """
   fn = "feature_cosine_loss"
@@ -173,8 +173,8 @@ def init_projection(
     ``{"kernel": [in, out], "bias": [out]}``.
 
   Example:
-    >>> import jax
-    >>> p = init_projection(jax.random.key(0), 4, 8)
+    >>> import jax, jaxcompress as jc
+    >>> p = jc.distill.init_projection(jax.random.key(0), 4, 8)
     >>> p["kernel"].shape, p["bias"].shape
     ((4, 8), (8,))
   """
@@ -195,9 +195,9 @@ def apply_projection(params: dict[str, ArrayLike], x: ArrayLike) -> Array:
     ``[..., out_features]`` in the params' dtype.
 
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> p = {"kernel": jnp.eye(2, 3), "bias": jnp.ones(3)}
-    >>> apply_projection(p, jnp.array([[2.0, 5.0]])).tolist()
+    >>> jc.distill.apply_projection(p, jnp.array([[2.0, 5.0]])).tolist()
     [[3.0, 6.0, 1.0]]
   """
   kernel, bias = params["kernel"], params["bias"]
@@ -250,9 +250,10 @@ def attention_transfer_loss(
     The loss per example, shape ``[batch]``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> x = jnp.ones((1, 2, 2, 3))
-    >>> [round(v, 6) for v in attention_transfer_loss(x, 5.0 * jnp.ones((1, 2, 2, 8))).tolist()]
+    >>> loss = jc.distill.attention_transfer_loss(x, 5.0 * jnp.ones((1, 2, 2, 8)))
+    >>> [round(v, 6) for v in loss.tolist()]
     [0.0]
   """
   fn = "attention_transfer_loss"
@@ -343,9 +344,9 @@ def rkd_distance_loss(
     The loss per pair, shape ``[batch, batch]`` (zero on the diagonal).
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> e = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
-    >>> round(float(rkd_distance_loss(e, 3.0 * e).sum()), 6)
+    >>> round(float(jc.distill.rkd_distance_loss(e, 3.0 * e).sum()), 6)
     0.0
   """
   _check_positive("rkd_distance_loss", "delta", delta)
@@ -394,9 +395,9 @@ def rkd_angle_loss(
     The loss per triplet, shape ``[batch, batch, batch]``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> e = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
-    >>> float(rkd_angle_loss(e, 2.0 * e + 1.0).sum())
+    >>> float(jc.distill.rkd_angle_loss(e, 2.0 * e + 1.0).sum())
     0.0
   """
   _check_positive("rkd_angle_loss", "delta", delta)

@@ -54,10 +54,10 @@ def feature_paths(intermediates: PyTree) -> dict[str, Array]:
     ``{path: array}``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> col = {"intermediates": {"Block_1": {"__call__": (jnp.ones(2),)},
     ...                          "Block_0": {"feat": (jnp.ones(2), jnp.ones(2))}}}
-    >>> list(feature_paths(col))
+    >>> list(jc.distill.feature_paths(col))
     ['Block_0/feat/0', 'Block_0/feat/1', 'Block_1']
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(intermediates, is_leaf=lambda x: isinstance(x, tuple))
@@ -100,10 +100,10 @@ def select_features(intermediates: PyTree, pattern: str) -> dict[str, Array]:
     ValueError: when nothing matches (the message lists the paths there are).
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> col = {"intermediates": {"Block_0": {"feat": (jnp.ones(2),)},
     ...                          "Block_1": {"feat": (jnp.ones(2),)}, "head": (jnp.ones(1),)}}
-    >>> list(select_features(col, r"Block_\\d+/feat"))
+    >>> list(jc.distill.select_features(col, r"Block_\\d+/feat"))
     ['Block_0/feat', 'Block_1/feat']
   """
   try:
@@ -134,8 +134,8 @@ class FeaturePair(NamedTuple):
     teacher: the teacher's array.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> pair = FeaturePair("b0", "layer_1", jnp.ones((2, 4)), jnp.ones((2, 4)))
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> pair = jc.distill.FeaturePair("b0", "layer_1", jnp.ones((2, 4)), jnp.ones((2, 4)))
     >>> pair.student_path, pair.teacher.shape
     ('b0', (2, 4))
   """
@@ -171,11 +171,11 @@ def pair_features(
     ValueError: when the counts differ or a pair's shapes do not fit.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> s = {"intermediates": {"b0": (jnp.ones((2, 4)),), "b1": (jnp.ones((2, 4)),)}}
     >>> t = {"intermediates": {"layer_1": (jnp.ones((2, 8)),), "layer_3": (jnp.ones((2, 8)),)}}
-    >>> pairs = pair_features(s, t, student_pattern=r"b\\d", teacher_pattern=r"layer_(1|3)",
-    ...                       same_width=False)
+    >>> pairs = jc.distill.pair_features(s, t, student_pattern=r"b\\d", teacher_pattern=r"layer_(1|3)",
+    ...                                  same_width=False)
     >>> [(p.student_path, p.teacher_path) for p in pairs]
     [('b0', 'layer_1'), ('b1', 'layer_3')]
   """

@@ -181,11 +181,11 @@ def soft_target_loss(
     The loss per position, shape ``[...]``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> s = jnp.array([[1.0, 2.0, 3.0]])
-    >>> round(float(soft_target_loss(s, s, temperature=2.0)[0]), 6)
+    >>> round(float(jc.distill.soft_target_loss(s, s, temperature=2.0)[0]), 6)
     0.0
-    >>> round(float(soft_target_loss(s, jnp.array([[3.0, 2.0, 1.0]]))[0]), 4)
+    >>> round(float(jc.distill.soft_target_loss(s, jnp.array([[3.0, 2.0, 1.0]]))[0]), 4)
     1.1504
   """
   _check_pair("soft_target_loss", student_logits, teacher_logits, temperature, where)
@@ -211,9 +211,9 @@ def reverse_kl_loss(
     The loss per position, shape ``[...]``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> s, t = jnp.array([[0.0, 1.0]]), jnp.array([[1.0, 0.0]])
-    >>> round(float(reverse_kl_loss(s, t)[0]), 4)
+    >>> round(float(jc.distill.reverse_kl_loss(s, t)[0]), 4)
     0.4621
   """
   _check_pair("reverse_kl_loss", student_logits, teacher_logits, temperature, where)
@@ -241,9 +241,9 @@ def jensen_shannon_loss(
     The loss per position, shape ``[...]``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> s, t = jnp.array([[0.0, 1.0]]), jnp.array([[1.0, 0.0]])
-    >>> round(float(jensen_shannon_loss(s, t)[0]), 4)
+    >>> round(float(jc.distill.jensen_shannon_loss(s, t)[0]), 4)
     0.1109
   """
   _check_pair("jensen_shannon_loss", student_logits, teacher_logits, temperature, where)
@@ -282,9 +282,9 @@ def distillation_loss(
     The loss per position, shape ``[...]``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> s = jnp.array([[2.0, 0.0]])
-    >>> round(float(distillation_loss(s, s, jnp.array([0]), alpha=0.5)[0]), 4)
+    >>> round(float(jc.distill.distillation_loss(s, s, jnp.array([0]), alpha=0.5)[0]), 4)
     0.0635
   """
   fn = "distillation_loss"
@@ -346,9 +346,9 @@ class TopKLogits(NamedTuple):
       was computed at; use the same temperature in the loss.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> tk = TopKLogits(jnp.array([[2.0]]), jnp.array([[0]]), jnp.array([2.0]))
-    >>> round(float(topk_distillation_loss(jnp.array([[2.0, -9.0]]), *tk)[0]), 4)
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> tk = jc.distill.TopKLogits(jnp.array([[2.0]]), jnp.array([[0]]), jnp.array([2.0]))
+    >>> round(float(jc.distill.topk_distillation_loss(jnp.array([[2.0, -9.0]]), *tk)[0]), 4)
     0.0
   """
 
@@ -378,8 +378,8 @@ def topk_logits(logits: ArrayLike, k: int, *, temperature: ArrayLike = 1.0) -> T
     A ``TopKLogits``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> tk = topk_logits(jnp.array([[0.0, 3.0, 1.0, 2.0]]), 2)
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> tk = jc.distill.topk_logits(jnp.array([[0.0, 3.0, 1.0, 2.0]]), 2)
     >>> tk.values.tolist(), tk.indices.tolist()
     ([[3.0, 2.0]], [[1, 3]])
   """
@@ -469,11 +469,11 @@ def topk_distillation_loss(
     The loss per position, shape ``[...]``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> t = jnp.array([[4.0, 1.0, 0.5, 0.0]])
     >>> s = jnp.array([[3.0, 1.0, 0.0, 0.0]])
-    >>> tk = topk_logits(t, 2)
-    >>> round(float(topk_distillation_loss(s, *tk)[0]), 4)
+    >>> tk = jc.distill.topk_logits(t, 2)
+    >>> round(float(jc.distill.topk_distillation_loss(s, *tk)[0]), 4)
     0.0401
   """
   fn = "topk_distillation_loss"

@@ -79,15 +79,14 @@ def make_distill_step(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jaxcompress as jc
-    >>> from jaxcompress import distill
     >>> x = jax.random.normal(jax.random.key(0), (8, 4))
     >>> teacher = {"w": jax.random.normal(jax.random.key(1), (4, 3))}
     >>> teacher_fn = lambda p, batch: batch @ p["w"]
     >>> def loss_fn(p, batch, teacher_logits, step):
-    ...   return distill.soft_target_loss(batch @ p["w"], teacher_logits, temperature=2.0).mean()
+    ...   return jc.distill.soft_target_loss(batch @ p["w"], teacher_logits, temperature=2.0).mean()
     >>> spec, opt = jc.Spec([]), optax.sgd(0.5)
     >>> ts = jc.init_train_state(spec, opt, {"w": jnp.zeros((4, 3))})
-    >>> step = distill.make_distill_step(loss_fn, teacher_fn, spec, opt)
+    >>> step = jc.distill.make_distill_step(loss_fn, teacher_fn, spec, opt)
     >>> losses = []
     >>> for _ in range(20):
     ...   ts, m = step(ts, teacher, x)

@@ -28,6 +28,7 @@ def width(n: int) -> int:
   """Bits that hold the integers ``0 .. n - 1`` (at least 1).
 
   Example:
+    >>> from jaxcompress.export.bits import width
     >>> width(2), width(4), width(5), width(1)
     (1, 2, 3, 1)
   """
@@ -50,6 +51,8 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     ``uint8`` of ``packed_bytes(values.size, bits)`` bytes.
 
   Example:
+    >>> import numpy as np
+    >>> from jaxcompress.export.bits import pack
     >>> pack(np.array([1, 2, 15]), 4).tolist()
     [33, 15]
   """
@@ -70,6 +73,8 @@ def unpack(buffer: np.ndarray, bits: int, count: int) -> np.ndarray:
   """The ``count`` integers ``pack`` stored in ``buffer`` (int64).
 
   Example:
+    >>> import numpy as np
+    >>> from jaxcompress.export.bits import pack, unpack
     >>> unpack(pack(np.array([5, 0, 7]), 3), 3, 3).tolist()
     [5, 0, 7]
   """
@@ -141,6 +146,8 @@ def huffman_encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray
     and the code lengths as 4-bit nibbles (``pack(lengths, 4)``).
 
   Example:
+    >>> import numpy as np
+    >>> from jaxcompress.export.bits import huffman_decode, huffman_encode, huffman_lengths
     >>> s = np.array([0, 0, 0, 1, 2, 0])
     >>> stream, table = huffman_encode(s, huffman_lengths(s, 3))
     >>> huffman_decode(stream, table, s.size, 3).tolist()
@@ -239,6 +246,8 @@ def xor_encode(words: np.ndarray, width_bits: int) -> np.ndarray:
     The ``uint8`` stream.
 
   Example:
+    >>> import numpy as np
+    >>> from jaxcompress.export.bits import xor_decode, xor_encode
     >>> w = np.array([1.0, 1.5, 1.75], np.float32).view(np.uint32)
     >>> xor_decode(xor_encode(w, 32), 3, 32).astype(np.uint32).view(np.float32).tolist()
     [1.0, 1.5, 1.75]

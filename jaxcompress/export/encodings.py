@@ -73,10 +73,10 @@ class Plain(Encoding):
     nm: ``(n, m, axis)`` of an N:M structure, with ``kept``.
 
   Example:
-    >>> import numpy as np
-    >>> from jaxcompress.export.encodings import Plain, decode
+    >>> import numpy as np, jaxcompress as jc
+    >>> from jaxcompress.export.encodings import decode
     >>> bufs = []
-    >>> desc = Plain(np.array([0.0, 2.5, 0.0, 0.0], np.float32)).write(bufs, False)
+    >>> desc = jc.export.Plain(np.array([0.0, 2.5, 0.0, 0.0], np.float32)).write(bufs, False)
     >>> desc, decode(desc, bufs, (4,), "float32").tolist()
     ('plain bitmask:float32', [0.0, 2.5, 0.0, 0.0])
   """

@@ -145,11 +145,10 @@ def int8_matmul(x: jax.Array, codes_t: jax.Array, scale: jax.Array, *, activatio
     ``(..., out)`` float32.
 
   Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jaxcompress.export.inference import int8_matmul
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> codes = jnp.array([[1, -2], [3, 4], [0, 5]], jnp.int8)  # (out=3, in=2)
     >>> x = jnp.array([[0.5, -1.0]])
-    >>> int8_matmul(x, codes, jnp.ones(3)).round(3).tolist()
+    >>> jc.export.int8_matmul(x, codes, jnp.ones(3)).round(3).tolist()
     [[2.5, -2.5, -5.0]]
   """
   if activations not in _ACTIVATIONS:

@@ -38,9 +38,8 @@ class Factors:
     shape: the kernel's shape (static).
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress import lowrank
-    >>> f = lowrank.Factors(jnp.ones((4, 1)), jnp.full((1, 3), 2.0), (4, 3))
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> f = jc.lowrank.Factors(jnp.ones((4, 1)), jnp.full((1, 3), 2.0), (4, 3))
     >>> f.materialize().tolist()[0]
     [2.0, 2.0, 2.0]
     >>> f.rank, f.num_params
@@ -85,9 +84,8 @@ class Factors:
       ``x @ W``, of shape ``x.shape[:-1] + (out,)``.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> from jaxcompress import lowrank
-      >>> f = lowrank.Factors(jnp.ones((4, 1)), jnp.full((1, 3), 2.0), (4, 3))
+      >>> import jax.numpy as jnp, jaxcompress as jc
+      >>> f = jc.lowrank.Factors(jnp.ones((4, 1)), jnp.full((1, 3), 2.0), (4, 3))
       >>> f.dot(jnp.ones((2, 4))).tolist()
       [[8.0, 8.0, 8.0], [8.0, 8.0, 8.0]]
     """
@@ -115,9 +113,8 @@ class Tucker2Factors:
     u_out: ``(r_out, out)``.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress import lowrank
-    >>> t = lowrank.Tucker2Factors(jnp.ones((3, 3, 1, 1)), jnp.ones((2, 1)), jnp.ones((1, 4)))
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> t = jc.lowrank.Tucker2Factors(jnp.ones((3, 3, 1, 1)), jnp.ones((2, 1)), jnp.ones((1, 4)))
     >>> t.materialize().shape
     (3, 3, 2, 4)
   """

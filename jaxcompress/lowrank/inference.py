@@ -74,11 +74,10 @@ def factorized_params(spec: Spec, trainable: PyTree, state: PyTree) -> dict:
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxcompress as jc
-    >>> from jaxcompress import lowrank
     >>> model = nn.Dense(8)
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
-    >>> spec = jc.Spec([jc.Rule("kernel", [lowrank.svd(rank=4)])])
-    >>> fparams = lowrank.factorized_params(spec, *spec.init(params))
+    >>> spec = jc.Spec([jc.Rule("kernel", [jc.lowrank.svd(rank=4)])])
+    >>> fparams = jc.lowrank.factorized_params(spec, *spec.init(params))
     >>> sorted(fparams), fparams["kernel_u"].shape
     (['bias', 'kernel_u', 'kernel_v'], (16, 4))
   """
@@ -154,13 +153,12 @@ def factorized_dense() -> Iterator[None]:
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxcompress as jc
-    >>> from jaxcompress import lowrank
     >>> model = nn.Dense(8)
     >>> x = jnp.ones((2, 16))
     >>> params = model.init(jax.random.key(0), x)["params"]
-    >>> spec = jc.Spec([jc.Rule("kernel", [lowrank.svd(rank=8)])])  # full rank
-    >>> fparams = lowrank.factorized_params(spec, *spec.init(params))
-    >>> with lowrank.factorized_dense():
+    >>> spec = jc.Spec([jc.Rule("kernel", [jc.lowrank.svd(rank=8)])])  # full rank
+    >>> fparams = jc.lowrank.factorized_params(spec, *spec.init(params))
+    >>> with jc.lowrank.factorized_dense():
     ...   y = model.apply({"params": fparams}, x)
     >>> bool(jnp.allclose(y, model.apply({"params": params}, x), atol=1e-4))
     True
@@ -182,9 +180,8 @@ class LowRankLinear(nnx.Module):
     promote_dtype: the dtype promotion function, as ``nnx.Linear``'s.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxcompress import lowrank
-    >>> layer = lowrank.LowRankLinear(jnp.ones((4, 1)), jnp.ones((1, 2)), jnp.zeros(2))
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> layer = jc.lowrank.LowRankLinear(jnp.ones((4, 1)), jnp.ones((1, 2)), jnp.zeros(2))
     >>> layer(jnp.ones((3, 4))).tolist()
     [[4.0, 4.0], [4.0, 4.0], [4.0, 4.0]]
   """
@@ -225,11 +222,10 @@ class LowRankLinear(nnx.Module):
       The new layer.
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax.numpy as jnp, jaxcompress as jc
       >>> from flax import nnx
-      >>> from jaxcompress import lowrank
       >>> lin = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
-      >>> lowrank.LowRankLinear.from_linear(lin, jnp.ones((4, 1)), jnp.ones((1, 2))).kernel_u.shape
+      >>> jc.lowrank.LowRankLinear.from_linear(lin, jnp.ones((4, 1)), jnp.ones((1, 2))).kernel_u.shape
       (4, 1)
     """
     if linear.preferred_element_type is not None:
@@ -298,11 +294,10 @@ def factorize_nnx(model: nnx.Module, spec: Spec, trainable: PyTree, state: PyTre
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
     >>> from flax import nnx
-    >>> from jaxcompress import lowrank
     >>> model = nnx.Sequential(nnx.Linear(16, 8, rngs=nnx.Rngs(0)))
     >>> _, params, _ = nnx.split(model, nnx.Param, ...)
-    >>> spec = jc.Spec([jc.Rule(r".*kernel", [lowrank.svd(rank=4)])])
-    >>> fast = lowrank.factorize_nnx(model, spec, *spec.init(params))
+    >>> spec = jc.Spec([jc.Rule(r".*kernel", [jc.lowrank.svd(rank=4)])])
+    >>> fast = jc.lowrank.factorize_nnx(model, spec, *spec.init(params))
     >>> type(fast.layers[0]).__name__, fast(jnp.ones((2, 16))).shape
     ('LowRankLinear', (2, 8))
   """

@@ -52,6 +52,7 @@ def uses_randomized(shape: tuple[int, int], r: int) -> bool:
     True when ``r + max(10, r) <= min(m, n) / 4`` and ``min(m, n) >= 256``.
 
   Example:
+    >>> from jaxcompress.lowrank.linalg import uses_randomized
     >>> uses_randomized((4096, 4096), 64), uses_randomized((4096, 4096), 2048)
     (True, False)
   """
@@ -82,6 +83,7 @@ def orthonormalize(y: Array) -> Array:
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> from jaxcompress.lowrank.linalg import orthonormalize
     >>> q = orthonormalize(jax.random.normal(jax.random.key(0), (100, 8)))
     >>> bool(jnp.allclose(q.T @ q, jnp.eye(8), atol=1e-5))
     True
@@ -108,6 +110,7 @@ def randomized_svd(a: Array, r: int, *, power_iters: int = POWER_ITERS, seed: in
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> from jaxcompress.lowrank.linalg import randomized_svd
     >>> a = jax.random.normal(jax.random.key(1), (64, 48))
     >>> u, s, vt = randomized_svd(a, 4)
     >>> bool(jnp.allclose(s, jnp.linalg.svd(a, compute_uv=False)[:4], rtol=1e-3))
@@ -149,6 +152,7 @@ def truncated_svd(a: Array, r: int) -> tuple[Array, Array, Array]:
 
   Example:
     >>> import jax.numpy as jnp
+    >>> from jaxcompress.lowrank.linalg import truncated_svd
     >>> u, s, vt = truncated_svd(jnp.diag(jnp.array([3.0, 2.0, 1.0])), 2)
     >>> s.tolist()
     [3.0, 2.0]

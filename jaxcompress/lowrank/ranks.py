@@ -59,8 +59,8 @@ class RankRule:
   ``select``.
 
   Example:
-    >>> from jaxcompress import lowrank
-    >>> isinstance(lowrank.Energy(0.9), lowrank.RankRule), lowrank.Energy.needs_values
+    >>> import jaxcompress as jc
+    >>> isinstance(jc.lowrank.Energy(0.9), jc.lowrank.RankRule), jc.lowrank.Energy.needs_values
     (True, True)
   """
 
@@ -98,8 +98,8 @@ class Fixed(RankRule):
       leaf the stage owns. Tucker-2 also takes a pair ``(r_in, r_out)``.
 
   Example:
-    >>> from jaxcompress import lowrank
-    >>> lowrank.Fixed({"Dense_0/kernel": 8, "Dense_1/kernel": 4}).rank
+    >>> import jaxcompress as jc
+    >>> jc.lowrank.Fixed({"Dense_0/kernel": 8, "Dense_1/kernel": 4}).rank
     (('Dense_0/kernel', 8), ('Dense_1/kernel', 4))
   """
 
@@ -132,8 +132,8 @@ class Fixed(RankRule):
       The rank (an int, or a pair for Tucker-2).
 
     Example:
-      >>> from jaxcompress import lowrank
-      >>> lowrank.Fixed(4).for_path("Dense_0/kernel")
+      >>> import jaxcompress as jc
+      >>> jc.lowrank.Fixed(4).for_path("Dense_0/kernel")
       4
     """
     r = self.rank
@@ -160,8 +160,8 @@ class Fraction(RankRule):
     fraction: a number in ``(0, 1]``.
 
   Example:
-    >>> from jaxcompress import lowrank
-    >>> lowrank.Fraction(0.25).select([16, 8], [None, None], [48, 40], ["a", "b"])
+    >>> import jaxcompress as jc
+    >>> jc.lowrank.Fraction(0.25).select([16, 8], [None, None], [48, 40], ["a", "b"])
     [4, 2]
   """
 
@@ -193,10 +193,9 @@ class Energy(RankRule):
     threshold: a number in ``(0, 1]``; 1 keeps every nonzero direction.
 
   Example:
-    >>> import numpy as np
-    >>> from jaxcompress import lowrank
+    >>> import numpy as np, jaxcompress as jc
     >>> s = np.array([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14
-    >>> lowrank.Energy(0.9).select([3], [s], [6], ["w"])
+    >>> jc.lowrank.Energy(0.9).select([3], [s], [6], ["w"])
     [2]
   """
 
@@ -241,10 +240,9 @@ class Budget(RankRule):
       for the leaves of the rule, a positive int.
 
   Example:
-    >>> import numpy as np
-    >>> from jaxcompress import lowrank
+    >>> import numpy as np, jaxcompress as jc
     >>> spectra = [np.array([4.0, 2.0, 1.0]), np.array([1.0, 1.0, 1.0])]
-    >>> lowrank.Budget(30).select([3, 3], spectra, [6, 6], ["a", "b"])
+    >>> jc.lowrank.Budget(30).select([3, 3], spectra, [6, 6], ["a", "b"])
     [2, 3]
   """
 

@@ -107,9 +107,8 @@ class SVD(Stage):
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
-    >>> from jaxcompress import lowrank
     >>> w = jnp.outer(jnp.arange(1.0, 5.0), jnp.ones(3))  # a rank-1 (4, 3) kernel
-    >>> spec = jc.Spec([jc.Rule("w", [lowrank.SVD(rank=lowrank.Fixed(1))])])
+    >>> spec = jc.Spec([jc.Rule("w", [jc.lowrank.SVD(rank=jc.lowrank.Fixed(1))])])
     >>> t, s = spec.init({"w": w})
     >>> t["w"].params["lowrank"].u.shape, t["w"].params["lowrank"].v.shape
     ((4, 1), (1, 3))
@@ -164,9 +163,8 @@ class SVD(Stage):
       One int per kernel.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> from jaxcompress import lowrank
-      >>> lowrank.svd(energy=0.9).select_ranks([jnp.diag(jnp.array([3.0, 2.0, 1.0]))], ["w"])
+      >>> import jax.numpy as jnp, jaxcompress as jc
+      >>> jc.lowrank.svd(energy=0.9).select_ranks([jnp.diag(jnp.array([3.0, 2.0, 1.0]))], ["w"])
       [2]
     """
     spectra = [None] * len(values)
@@ -225,9 +223,8 @@ class Tucker2(Stage):
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxcompress as jc
-    >>> from jaxcompress import lowrank
     >>> w = jax.random.normal(jax.random.key(0), (3, 3, 8, 16))
-    >>> spec = jc.Spec([jc.Rule("w", [lowrank.Tucker2(rank=lowrank.Fixed((4, 6)))])])
+    >>> spec = jc.Spec([jc.Rule("w", [jc.lowrank.Tucker2(rank=jc.lowrank.Fixed((4, 6)))])])
     >>> t, s = spec.init({"w": w})
     >>> t["w"].params["lowrank"].core.shape, spec.apply(t, s)["w"].shape
     ((3, 3, 4, 6), (3, 3, 8, 16))
@@ -297,9 +294,8 @@ class Tucker2(Stage):
       One pair per kernel.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> from jaxcompress import lowrank
-      >>> lowrank.tucker2(fraction=0.5).select_ranks([jnp.ones((3, 3, 8, 4))], ["conv"])
+      >>> import jax.numpy as jnp, jaxcompress as jc
+      >>> jc.lowrank.tucker2(fraction=0.5).select_ranks([jnp.ones((3, 3, 8, 4))], ["conv"])
       [(4, 2)]
     """
     spectra = [None] * (2 * len(values))
@@ -390,9 +386,8 @@ def svd(
 
   Example:
     >>> import jax, jaxcompress as jc
-    >>> from jaxcompress import lowrank
     >>> params = {"w": jax.random.normal(jax.random.key(0), (16, 8))}
-    >>> spec = jc.Spec([jc.Rule("w", [lowrank.svd(fraction=0.5)])])
+    >>> spec = jc.Spec([jc.Rule("w", [jc.lowrank.svd(fraction=0.5)])])
     >>> t, s = spec.init(params)
     >>> t["w"].params["lowrank"].rank
     4
@@ -420,8 +415,8 @@ def tucker2(
     ``Tucker2(rank=..., refine_iters=refine_iters)``.
 
   Example:
-    >>> from jaxcompress import lowrank
-    >>> lowrank.tucker2(rank=(4, 8)).rank
+    >>> import jaxcompress as jc
+    >>> jc.lowrank.tucker2(rank=(4, 8)).rank
     Fixed(rank=(4, 8))
   """
   return Tucker2(rank=_rank_rule("tucker2", rank, fraction, energy), refine_iters=refine_iters)
@@ -446,9 +441,8 @@ def freeze_ranks(spec: Spec, params: Any) -> Spec:
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxcompress as jc
-    >>> from jaxcompress import lowrank
     >>> params = {"w": jnp.diag(jnp.array([3.0, 2.0, 1.0]))}
-    >>> spec = lowrank.freeze_ranks(jc.Spec([jc.Rule("w", [lowrank.svd(energy=0.9)])]), params)
+    >>> spec = jc.lowrank.freeze_ranks(jc.Spec([jc.Rule("w", [jc.lowrank.svd(energy=0.9)])]), params)
     >>> spec.rules[0].stages[0].rank
     Fixed(rank=(('w', 2),))
     >>> jax.eval_shape(spec.init, params)[0]["w"].params["lowrank"].u.shape
