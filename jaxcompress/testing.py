@@ -119,8 +119,8 @@ def example_params(dtype: Any = jnp.float32, seed: int = 0) -> dict:
     A nested dict of arrays, as a Flax linen model's params.
 
   Example:
-    >>> import jaxcompress as jc
-    >>> jc.testing.example_params()["Dense_1"]["kernel"].shape
+    >>> from jaxcompress.testing import example_params
+    >>> example_params()["Dense_1"]["kernel"].shape
     (32, 8)
   """
   k = jax.random.split(jax.random.key(seed), 4)
@@ -214,7 +214,8 @@ def make_case(
 
   Example:
     >>> import jaxcompress as jc
-    >>> case = jc.testing.make_case(jc.prune.magnitude(sparsity=0.5))
+    >>> from jaxcompress.testing import make_case
+    >>> case = make_case(jc.prune.magnitude(sparsity=0.5))
     >>> case.name, case.key is None
     ('Prune(sparsity=0.5)', True)
   """
@@ -288,7 +289,8 @@ def run(case: Case, *, jit: bool = True, steps: int = 3) -> Run:
 
   Example:
     >>> import jaxcompress as jc
-    >>> r = jc.testing.run(jc.testing.make_case(jc.quant.FakeQuant(bits=8)), steps=2)
+    >>> from jaxcompress.testing import make_case, run
+    >>> r = run(make_case(jc.quant.FakeQuant(bits=8)), steps=2)
     >>> len(r.outputs), r.traces
     (3, {'init': 1, 'apply': 1, 'update': 1})
   """
@@ -387,7 +389,8 @@ def train(
 
   Example:
     >>> import jaxcompress as jc
-    >>> tr = jc.testing.train(jc.testing.make_case(jc.quant.FakeQuant(bits=8)), steps=5)
+    >>> from jaxcompress.testing import make_case, train
+    >>> tr = train(make_case(jc.quant.FakeQuant(bits=8)), steps=5)
     >>> bool(tr.losses[-1] < tr.losses[0])
     True
   """
@@ -482,7 +485,8 @@ def assert_init_under_eval_shape(case: Case, *, jitted: Run | None = None) -> No
 
   Example:
     >>> import jaxcompress as jc
-    >>> jc.testing.assert_init_under_eval_shape(jc.testing.make_case(jc.quant.LSQ(bits=4)))
+    >>> from jaxcompress.testing import assert_init_under_eval_shape, make_case
+    >>> assert_init_under_eval_shape(make_case(jc.quant.LSQ(bits=4)))
   """
   check = "init_under_eval_shape"
   try:
@@ -527,7 +531,8 @@ def assert_jit_matches_eager(
 
   Example:
     >>> import jaxcompress as jc
-    >>> jc.testing.assert_jit_matches_eager(jc.testing.make_case(jc.quant.FakeQuant(bits=4)), steps=1)
+    >>> from jaxcompress.testing import assert_jit_matches_eager, make_case
+    >>> assert_jit_matches_eager(make_case(jc.quant.FakeQuant(bits=4)), steps=1)
   """
   jitted = jitted or run(case, steps=steps)
   eager = run(case, jit=False, steps=len(jitted.outputs) - 1)
@@ -554,7 +559,8 @@ def assert_dtypes_kept(case: Case, *, jitted: Run | None = None) -> None:
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
-    >>> jc.testing.assert_dtypes_kept(jc.testing.make_case(jc.quant.FakeQuant(bits=8), dtype=jnp.bfloat16))
+    >>> from jaxcompress.testing import assert_dtypes_kept, make_case
+    >>> assert_dtypes_kept(make_case(jc.quant.FakeQuant(bits=8), dtype=jnp.bfloat16))
   """
   jitted = jitted or run(case)
   want = _avals(case.params)
@@ -587,7 +593,8 @@ def assert_no_retrace(case: Case, *, jitted: Run | None = None) -> None:
 
   Example:
     >>> import jaxcompress as jc
-    >>> jc.testing.assert_no_retrace(jc.testing.make_case(jc.quant.FakeQuant(bits=8)))
+    >>> from jaxcompress.testing import assert_no_retrace, make_case
+    >>> assert_no_retrace(make_case(jc.quant.FakeQuant(bits=8)))
   """
   jitted = jitted or run(case)
   steps = len(jitted.outputs) - 1
@@ -626,7 +633,8 @@ def assert_state_structure_stable(case: Case, *, jitted: Run | None = None) -> N
 
   Example:
     >>> import jaxcompress as jc
-    >>> jc.testing.assert_state_structure_stable(jc.testing.make_case(jc.quant.LSQ(bits=4)))
+    >>> from jaxcompress.testing import assert_state_structure_stable, make_case
+    >>> assert_state_structure_stable(make_case(jc.quant.LSQ(bits=4)))
   """
   jitted = jitted or run(case)
   first = {"trainable": jitted.trainables[0], "state": jitted.states[0]}
@@ -672,7 +680,8 @@ def assert_sharded_matches_single_device(
 
   Example:
     >>> import jaxcompress as jc
-    >>> jc.testing.assert_sharded_matches_single_device(jc.testing.make_case(jc.quant.FakeQuant(bits=8)))
+    >>> from jaxcompress.testing import assert_sharded_matches_single_device, make_case
+    >>> assert_sharded_matches_single_device(make_case(jc.quant.FakeQuant(bits=8)))
   """
   check = "sharded_matches_single_device"
   devices = jax.devices()
@@ -739,7 +748,8 @@ def assert_grads_reach_trainables(
 
   Example:
     >>> import jaxcompress as jc
-    >>> jc.testing.assert_grads_reach_trainables(jc.testing.make_case(jc.quant.LSQ(bits=4)))
+    >>> from jaxcompress.testing import assert_grads_reach_trainables, make_case
+    >>> assert_grads_reach_trainables(make_case(jc.quant.LSQ(bits=4)))
   """
   check = "grads_reach_trainables"
   jitted = jitted or run(case)
@@ -825,8 +835,9 @@ def assert_masked_moments_zero(case: Case, *, trained: Training | None = None) -
 
   Example:
     >>> import jaxcompress as jc
-    >>> case = jc.testing.make_case(jc.prune.magnitude(sparsity=0.5))
-    >>> jc.testing.assert_masked_moments_zero(case, trained=jc.testing.train(case, steps=2))
+    >>> from jaxcompress.testing import assert_masked_moments_zero, make_case, train
+    >>> case = make_case(jc.prune.magnitude(sparsity=0.5))
+    >>> assert_masked_moments_zero(case, trained=train(case, steps=2))
   """
   check = "masked_moments_zero"
   trained = trained or train(case)
@@ -864,7 +875,8 @@ def assert_training_reduces_loss(case: Case, *, trained: Training | None = None,
 
   Example:
     >>> import jaxcompress as jc
-    >>> jc.testing.assert_training_reduces_loss(jc.testing.make_case(jc.quant.FakeQuant(bits=8)))
+    >>> from jaxcompress.testing import assert_training_reduces_loss, make_case
+    >>> assert_training_reduces_loss(make_case(jc.quant.FakeQuant(bits=8)))
   """
   trained = trained or train(case)
   losses = trained.losses
@@ -892,8 +904,9 @@ def assert_export_round_trip(case: Case, *, jitted: Run | None = None) -> None:
 
   Example:
     >>> import jaxcompress as jc
-    >>> case = jc.testing.make_case(jc.quant.FakeQuant(bits=8))
-    >>> jc.testing.assert_export_round_trip(case, jitted=jc.testing.run(case, steps=0))
+    >>> from jaxcompress.testing import assert_export_round_trip, make_case, run
+    >>> case = make_case(jc.quant.FakeQuant(bits=8))
+    >>> assert_export_round_trip(case, jitted=run(case, steps=0))
   """
   from jaxcompress import export as _export  # noqa: PLC0415 (export is optional here)
 
@@ -961,8 +974,9 @@ def check_stage(
 
   Example:
     >>> import jaxcompress as jc
+    >>> from jaxcompress.testing import check_stage
     >>> slow = ["sharded_matches_single_device", "training_reduces_loss", "export_round_trip"]
-    >>> report = jc.testing.check_stage(jc.quant.FakeQuant(bits=8), skip=slow)
+    >>> report = check_stage(jc.quant.FakeQuant(bits=8), skip=slow)
     >>> report["no_retrace"], report["masked_moments_zero"].split(":")[0], report["export_round_trip"]
     ('ok', 'skipped', 'skipped: asked')
   """
