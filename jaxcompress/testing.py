@@ -740,7 +740,7 @@ def assert_grads_reach_trainables(
     case: from ``make_case``.
     jitted: a jitted ``run`` of the case (run if ``None``); its last step is used.
     where: which trainable leaves must get a non-zero gradient, as a rule
-      pattern over their paths (``Dense_0/kernel/params/quant/step``): a regex,
+      pattern over their paths (``Dense_0/kernel/params/step_size``): a regex,
       a ``(path, leaf)`` predicate, or a tuple of them. ``None``: all.
 
   Returns:
