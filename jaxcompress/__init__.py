@@ -1,6 +1,6 @@
 """jaxcompress: model compression for JAX."""
 
-from jaxcompress import cluster, distill, export, lowrank, prune, quant
+from jaxcompress import cluster, distill, export, lowrank, prune, quant, testing
 from jaxcompress.core import schedules
 from jaxcompress.core.chain import Chain
 from jaxcompress.core.spec import Compressed, LeafState, Rule, Spec
@@ -34,5 +34,6 @@ __all__ = [
     "prune",
     "quant",
     "schedules",
+    "testing",
     "train_state_shardings",
 ]

@@ -72,20 +72,31 @@ def _is_node(x: Any) -> bool:
 Pattern = Any  # str | Callable[[str, Any], bool] | tuple of them
 
 
-def _check_pattern(pattern: Pattern) -> None:
+def check_pattern(pattern: Pattern, *, what: str = "Rule", arg: str = "leaf") -> None:
+  """Refuses what ``matches`` cannot take: a bad regex, an empty tuple, a
+  non-callable. ``what`` and ``arg`` name the caller in the message.
+
+  Example:
+    >>> from jaxcompress.core.spec import check_pattern
+    >>> check_pattern(("Dense_0/kernel", lambda path, leaf: leaf.ndim == 2))
+    >>> check_pattern("(")
+    Traceback (most recent call last):
+    ...
+    ValueError: Rule pattern '(' is not a valid regular expression: missing ), unterminated subpattern at position 0.
+  """
   if isinstance(pattern, tuple):
     if not pattern:
-      raise ValueError("Rule pattern is an empty tuple; give at least one regex or predicate.")
+      raise ValueError(f"{what} pattern is an empty tuple; give at least one regex or predicate.")
     for p in pattern:
-      _check_pattern(p)
+      check_pattern(p, what=what, arg=arg)
   elif isinstance(pattern, str):
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"Rule pattern {pattern!r} is not a valid regular expression: {e}.") from e
+      raise ValueError(f"{what} pattern {pattern!r} is not a valid regular expression: {e}.") from e
   elif not callable(pattern):
     raise TypeError(
-        f"Rule pattern must be a regular expression (str), a predicate `(path, leaf) -> bool`, "
+        f"{what} pattern must be a regular expression (str), a predicate `(path, {arg}) -> bool`, "
         f"or a tuple of them; got {pattern!r}."
     )
 
@@ -124,7 +135,7 @@ class Rule:
   chain: Chain
 
   def __init__(self, pattern: Pattern, stages: Sequence[Stage] | Stage):
-    _check_pattern(pattern)
+    check_pattern(pattern)
     if isinstance(stages, Stage):
       stages = (stages,)
     stages = tuple(stages)

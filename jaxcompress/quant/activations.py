@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import flax.linen as nn
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcompress.core.paths import path_str
-from jaxcompress.core.spec import matches
+from jaxcompress.core.spec import check_pattern, matches
 from jaxcompress.quant import calibration, numerics
 from jaxcompress.quant.dot_general import QuantizedDotGeneral, fp8_dot_general, int8_dot_general
 from jaxcompress.quant.ste import fake_quant_ste
@@ -94,7 +93,7 @@ class InputRule:
   matmul: str = "fake"
 
   def __post_init__(self):
-    _check_pattern(self.pattern)
+    check_pattern(self.pattern, what="InputRule", arg="module")
     if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
       raise ValueError(f"InputRule {self.pattern!r}: bits must be an int from 2 to 8, got {self.bits!r}.")
     if self.ranges not in _RANGES:
@@ -198,26 +197,6 @@ def _split_input(args: tuple, kwargs: dict) -> tuple[Array, Callable[[Array], tu
   if "inputs" in kwargs:
     return kwargs["inputs"], lambda x: (args, {**kwargs, "inputs": x})
   raise TypeError("A quantized layer was called without an input array.")
-
-
-def _check_pattern(pattern: Any) -> None:
-  """A pattern ``jaxcompress.core.spec.matches`` takes: a valid regex, a callable,
-  or a non-empty tuple of them."""
-  if isinstance(pattern, tuple):
-    if not pattern:
-      raise ValueError("InputRule pattern is an empty tuple; give at least one regex or predicate.")
-    for p in pattern:
-      _check_pattern(p)
-  elif isinstance(pattern, str):
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ValueError(f"InputRule pattern {pattern!r} is not a valid regular expression: {e}.") from e
-  elif not callable(pattern):
-    raise TypeError(
-        "InputRule pattern must be a regular expression (str), a predicate "
-        f"`(path, module) -> bool`, or a tuple of them; got {pattern!r}."
-    )
 
 
 def _module_path(names: Sequence[Hashable]) -> str:
