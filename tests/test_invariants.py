@@ -29,6 +29,23 @@ IDS = [c.name for c in CASES]
 BY_NAME = {c.name: c for c in CASES}
 assert len(BY_NAME) == len(CASES), "two registry cases share a name"
 
+# README's test command runs every check on one case of each kind of
+# computation (this set); the rest of the registry runs under the `slow`
+# marker, which CI runs after it.
+REPRESENTATIVE = {
+    "prune_magnitude", "prune_rigl", "quant_fq_int4_asym_per_group_static", "quant_lsq_int4",
+    "quant_lowrank_then_lsq_int8", "cluster_per_channel_density",
+}
+assert REPRESENTATIVE <= set(IDS), REPRESENTATIVE - set(IDS)
+
+
+def params_of(cases, suffix="", fast=REPRESENTATIVE):
+  """One pytest.param per case, marked slow unless the case is in ``fast``."""
+  return [
+      pytest.param(c, id=c.name + suffix, marks=() if c.name in fast else pytest.mark.slow)
+      for c in cases
+  ]
+
 
 def kit_case(case, dtype=jnp.float32):
   """The registry case as a ``jaxcompress.testing.Case``."""
@@ -69,20 +86,20 @@ def run(spec, params, key, grads, stats, jit, steps=3):
   return r.trainables[-1], r.states[-1], r.outputs
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", params_of(CASES))
 def test_jit_matches_eager(case):
   c, r = jitted(case.name)
   jt.assert_jit_matches_eager(c, jitted=r)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", params_of(CASES))
 def test_init_under_eval_shape(case):
   c, r = jitted(case.name)
   jt.assert_init_under_eval_shape(c, jitted=r)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", params_of(CASES))
 def test_dtypes_kept(case, dtype):
   if dtype == jnp.float32:
     c, r = jitted(case.name)
@@ -91,7 +108,7 @@ def test_dtypes_kept(case, dtype):
     jt.assert_dtypes_kept(kit_case(case, dtype))
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", params_of(CASES))
 def test_state_structure_stable_and_no_retrace(case):
   c, r = jitted(case.name)
   jt.assert_state_structure_stable(c, jitted=r)
@@ -108,8 +125,14 @@ EXPLICIT = {
     "cluster_per_channel_density", "prune_then_cluster_at_step",
 }
 assert EXPLICIT <= set(IDS), EXPLICIT - set(IDS)
-SHARDED = [pytest.param(c, AxisType.Auto, id=f"{c.name}-auto") for c in CASES] + [
-    pytest.param(c, AxisType.Explicit, id=f"{c.name}-explicit") for c in CASES if c.name in EXPLICIT
+FAST_EXPLICIT = {"prune_rigl", "quant_lowrank_then_lsq_int8"}
+SHARDED = [
+    pytest.param(c, AxisType.Auto, id=f"{c.name}-auto", marks=() if c.name in REPRESENTATIVE else pytest.mark.slow)
+    for c in CASES
+] + [
+    pytest.param(c, AxisType.Explicit, id=f"{c.name}-explicit", marks=() if c.name in FAST_EXPLICIT else pytest.mark.slow)
+    for c in CASES
+    if c.name in EXPLICIT
 ]
 
 
@@ -133,19 +156,23 @@ MASKED = ["prune_magnitude", "prune_rigl", "quant_prune_then_lsq_int8", "prune_t
 assert set(MASKED) <= set(TRAINED) <= set(IDS), set(MASKED + TRAINED) - set(IDS)
 
 
-@pytest.mark.parametrize("name", TRAINED)
+def names_of(names):
+  return [pytest.param(n, id=n, marks=() if n in REPRESENTATIVE else pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("name", names_of(TRAINED))
 def test_grads_reach_trainables(name):
   c, r = jitted(name)
   jt.assert_grads_reach_trainables(c, jitted=r, where=BY_NAME[name].trains)
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", names_of(TRAINED))
 def test_training_reduces_loss(name):
   c, t = trained(name)
   jt.assert_training_reduces_loss(c, trained=t)
 
 
-@pytest.mark.parametrize("name", MASKED)
+@pytest.mark.parametrize("name", names_of(MASKED))
 def test_masked_moments_zero(name):
   c, t = trained(name)
   jt.assert_masked_moments_zero(c, trained=t)

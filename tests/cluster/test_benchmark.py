@@ -1,8 +1,11 @@
 """benchmarks/deep_compression.py runs in quick mode and counts its sizes consistently."""
 
+import pytest
+
 from tests.benchmarks import load
 
 
+@pytest.mark.slow
 def test_quick_run_reports_a_consistent_size_and_sparsity():
   out = load("deep_compression").run(quick=True, seed=0)
   assert out["split"] == {

@@ -48,6 +48,7 @@ def cluster(w, **kwargs):
   return np.asarray(t["w"].params[KEY]), np.asarray(s["w"].stages[KEY].assignments)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 5])
 def test_inertia_within_5_percent_of_sklearn(bits):
   k = 2**bits
@@ -69,6 +70,7 @@ def test_optimal_init_is_the_exact_optimum(n, k):
   np.testing.assert_array_equal(a, np.argmin(np.abs(w[:, None] - c[None, :].astype(np.float64)), axis=1))
 
 
+@pytest.mark.slow
 def test_pruned_weights_use_every_level_also_from_linear_init():
   # After 90% pruning, linear centroids over [-max, max] fall into the gap around
   # zero; Lloyd with re-seeding must still use all 16 levels, near the optimum.

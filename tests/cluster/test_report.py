@@ -51,6 +51,7 @@ def test_unique_floats_stay_float():
   assert leaf.format == "dense, float" and leaf.bits == 32 * 32 * 32 and leaf.ratio == 1.0
 
 
+@pytest.mark.slow
 def test_report_of_a_pruned_clustered_model():
   k = jax.random.split(jax.random.key(0), 2)
   params = {

@@ -13,6 +13,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxcompress as jc
 
+pytestmark = pytest.mark.slow  # Explicit meshes also run in the invariant suite's fast subset
+
 STAGES = {
     "fq_static": lambda: [jc.quant.FakeQuant(bits=8, ranges="static")],
     "stochastic": lambda: [jc.quant.FakeQuant(bits=4, rounding="stochastic")],

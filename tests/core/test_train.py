@@ -83,7 +83,11 @@ def mlp_loss(p, batch, logits_sharding=None):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+@pytest.mark.parametrize(
+    "axis_type",
+    [pytest.param(a, marks=pytest.mark.slow) for a in (AxisType.Auto, AxisType.Explicit)],
+    ids=["auto", "explicit"],
+)
 def test_sharded_step_equals_single_device_and_does_not_retrace(axis_type):
   spec = jc.Spec([jc.Rule(".*kernel", [jc.prune.magnitude(sparsity=jc.schedules.linear(0.0, 0.8, end_step=4))])])
   opt = jc.masked_optimizer(optax.adam(1e-2))

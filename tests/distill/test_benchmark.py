@@ -2,9 +2,12 @@
 
 import math
 
+import pytest
+
 from tests.benchmarks import load
 
 
+@pytest.mark.slow
 def test_quick_run_reports_step_ratios():
   out = load("distill").main(quick=True)
   assert out["benchmark"] == "distill" and out["quick"] is True

@@ -148,6 +148,7 @@ def loss_fn(params, batch, teacher_out, step):
   return (kd + 0.1 * feat).mean()
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 16)), jnp.float32)
   y = jnp.arange(32) % 8

@@ -123,6 +123,7 @@ def test_clustering_stores_a_codebook_and_packed_indices():
   assert r_h.nbytes <= r.nbytes < 64 * 32 * 4 // 6
 
 
+@pytest.mark.slow
 def test_tucker2_factors_then_int8():
   w = kernel((3, 3, 8, 16))
   r = exported([jc.lowrank.tucker2(rank=(4, 6)), jq.LSQ(bits=8)], w)

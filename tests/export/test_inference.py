@@ -79,6 +79,7 @@ def test_matmul_checks_its_mode_and_shapes():
       model.apply({"params": jc.export.serving_params(artifact)}, jnp.ones((1, 4)))
 
 
+@pytest.mark.slow
 def test_serve_benchmark_quick_run():
   out = load("serve").run(quick=True)
   for key in ("b1_w8", "b1_w4", "b16_w8a8", "b16_w4", "layer_b1_w8", "layer_b16_w8a8"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from tests.test_invariants import CASES, IDS, run, setup
+from tests.test_invariants import CASES, params_of, run, setup
 
 
 def assert_bit_equal(got, want):
@@ -55,12 +55,16 @@ def round_trip(case, dtype, tmp_path):
     assert r.nbytes <= r.float_nbytes, r
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+FAST = {"prune_nm_2_4", "quant_fq_int4_asym_per_group_static", "quant_lowrank_then_lsq_int8",
+        "cluster_per_channel_density"}
+
+
+@pytest.mark.parametrize("case", params_of(CASES, fast=FAST))
 def test_export_save_load_decode_is_spec_apply(case, tmp_path):
   round_trip(case, jnp.float32, tmp_path)
 
 
-@pytest.mark.parametrize("case", BF16, ids=[c.name for c in BF16])
+@pytest.mark.parametrize("case", params_of(BF16, "-bf16", fast={"quant_lsq_int4"}))
 def test_bf16_export_save_load_decode_is_spec_apply(case, tmp_path):
   round_trip(case, jnp.bfloat16, tmp_path)
 

@@ -22,6 +22,7 @@ def _kernel(kind, m, n, seed):
   return ((_orthonormal(m, s.size, rng) * s) @ _orthonormal(n, s.size, rng).T).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gaussian", "power_law"])
 def test_small_rank_uses_randomized_svd_within_0_1_percent_of_eckart_young(kind):
   m, n, r = 512, 384, 16

@@ -115,6 +115,7 @@ def test_nan_weights_are_dropped_first_and_counts_stay_exact():
   assert new.sum() == 32 and not (new & np.isnan(w)).any()
 
 
+@pytest.mark.slow
 def test_rigl_with_erk_in_a_training_loop_keeps_layer_counts_and_zeros():
   k = jax.random.split(jax.random.key(0), 3)
   params = {

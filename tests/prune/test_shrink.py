@@ -175,6 +175,7 @@ class MLP(nn.Module):
     return x
 
 
+@pytest.mark.slow
 def test_flax_linen_model_channel_pruned_by_a_spec():
   """Channel-prune a linen MLP with jc.prune.Channel, shrink, rebuild the smaller model."""
   model = MLP((32, 16, 4))
@@ -283,6 +284,7 @@ def test_chain_and_activation_arguments_checked():
 # --- the benchmark (quick mode) ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_pruning_benchmark_quick_run():
   from tests.benchmarks import load
 

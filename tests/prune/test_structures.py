@@ -122,6 +122,7 @@ def test_unit_mask_inverts_expand(structure, units):
   np.testing.assert_array_equal(np.asarray(structure.unit_mask(full)), keep)
 
 
+@pytest.mark.slow
 def test_recomputed_masks_match_a_fresh_selection_every_step():
   """Masks reused from the last update (when still exact) equal a selection from scratch."""
   params = {"a": jnp.asarray(np.random.default_rng(1).normal(size=(8, 12)), jnp.float32)}

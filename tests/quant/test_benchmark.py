@@ -12,6 +12,7 @@ import pytest
 from tests.benchmarks import load
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpu", [False, True])
 def test_quick_run_reports_every_ratio(gpu):
   out = load("quant").main(quick=True, gpu=gpu)
@@ -22,6 +23,7 @@ def test_quick_run_reports_every_ratio(gpu):
     assert math.isfinite(out[name]) and out[name] > 0
 
 
+@pytest.mark.slow
 def test_gpu_block_is_bf16_and_its_real_int8_forward_is_close_to_float():
   import jax
   import jax.numpy as jnp
