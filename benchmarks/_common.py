@@ -114,3 +114,18 @@ def paired_ratios(
       for name, ts in per_call.items()
       if name != baseline
   }
+
+
+def cpu_info() -> dict:
+  """The CPU model and its int8-relevant instruction sets, from /proc/cpuinfo:
+  int8 figures mean little without them (AVX2 only, AVX-512 VNNI, AMX)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return {"cpu": "unknown", "flags": []}
+  lines = text.splitlines()
+  model = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "unknown")
+  flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+  wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "amx_tile")
+  return {"cpu": model, "flags": [f for f in flags if f in wanted]}

@@ -44,7 +44,7 @@ from sklearn.model_selection import train_test_split
 
 import jaxcompress as jc
 from _common import cross_entropy as loss_fn
-from _common import init_mlp, mlp
+from _common import cpu_info, init_mlp, mlp
 import jaxcompress.cluster  # noqa: F401
 
 SIZES = (64, 300, 100, 10)
@@ -200,7 +200,7 @@ def main() -> None:
   args = parser.parse_args()
   result = run(quick=args.quick, seed=args.seed)
   print(result.pop("table"))
-  print(json.dumps(result))
+  print(json.dumps({**result, **cpu_info()}))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import optax
 import jaxcompress as jc
 from jaxcompress import distill
 from _common import cross_entropy as hard_loss
-from _common import init_mlp, mlp, paired_times
+from _common import cpu_info, init_mlp, mlp, paired_times
 
 BATCH = 256
 TEACHER = (784, 1024, 1024, 10)
@@ -130,4 +130,4 @@ if __name__ == "__main__":
   res = main(quick=args.quick)
   print(f"step time / (teacher forward + student step): {res['step_ratio']:.3f} "
         f"(int8 teacher: {res['step_ratio_int8_teacher']:.3f}; target <= {res['target']})")
-  print(json.dumps(res))
+  print(json.dumps({**res, **cpu_info()}))

@@ -34,7 +34,7 @@ import numpy as np
 
 import jaxcompress as jc
 from jaxcompress import lowrank
-from _common import interleaved
+from _common import cpu_info, interleaved
 
 
 def _random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -114,4 +114,4 @@ if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="a small, fast smoke run")
   args = parser.parse_args()
-  print(json.dumps(main(quick=args.quick)))
+  print(json.dumps({**main(quick=args.quick), **cpu_info()}))

@@ -42,7 +42,7 @@ import optax
 import jaxcompress as jc
 from jaxcompress.core.rowselect import topk_rows
 from _common import cross_entropy as loss_fn
-from _common import init_mlp, mlp, paired_ratios
+from _common import cpu_info, init_mlp, mlp, paired_ratios
 
 SIZES = (784, 300, 100, 10)
 BATCH = 256
@@ -194,4 +194,4 @@ if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
   args = parser.parse_args()
-  print(json.dumps(main(quick=args.quick)))
+  print(json.dumps({**main(quick=args.quick), **cpu_info()}))

@@ -50,7 +50,7 @@ import optax
 
 import jaxcompress as jc
 from jaxcompress import quant
-from _common import interleaved, paired_ratios
+from _common import cpu_info, interleaved, paired_ratios
 
 
 class MLP(nn.Module):
@@ -198,4 +198,4 @@ if __name__ == "__main__":
   parser.add_argument("--quick", action="store_true", help="a small model, a few steps (smoke run)")
   parser.add_argument("--gpu", action="store_true", help="the bf16 MLP block (d=4096, ffn=16384, 8192 tokens)")
   args = parser.parse_args()
-  print(json.dumps(main(quick=args.quick, gpu=args.gpu)))
+  print(json.dumps({**main(quick=args.quick, gpu=args.gpu), **cpu_info()}))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxcompress as jc
-from _common import paired_times
+from _common import cpu_info, paired_times
 
 FULL = {"d": 4096, "ffn": 16384, "batches": (1, 4, 16, 256), "rounds": 20, "warmup": 2}
 QUICK = {"d": 256, "ffn": 1024, "batches": (1, 16), "rounds": 2, "warmup": 1}
@@ -53,18 +53,6 @@ class Block(nn.Module):
   def __call__(self, x):
     h = nn.relu(nn.Dense(self.ffn)(x))
     return nn.Dense(self.d)(h)
-
-
-def cpu_info() -> dict:
-  try:
-    with open("/proc/cpuinfo") as f:
-      text = f.read()
-  except OSError:
-    return {"cpu": "unknown", "flags": []}
-  model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "unknown")
-  flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
-  wanted = [f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "amx_tile")]
-  return {"cpu": model, "flags": wanted}
 
 
 def served(model, params, bits: int) -> dict:
