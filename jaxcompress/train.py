@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxcompress.core.checks import key_data
 from jaxcompress.core.spec import Spec
 
 PyTree = Any
@@ -119,29 +120,6 @@ def masked_optimizer(inner: optax.GradientTransformation) -> MaskedOptimizer:
   return MaskedOptimizer(init, update)
 
 
-def _key_data(key: jax.Array | None) -> jax.Array | None:
-  """The raw uint32 data of a PRNG key (typed or raw), checkpointable as is."""
-  if key is None:
-    return None
-  key = jnp.asarray(key)
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    impl = jax.random.key_impl(key)
-    default = jax.random.key_impl(jax.random.key(0))
-    if str(impl) != str(default):
-      raise TypeError(
-          f"init_train_state: key has PRNG implementation {impl}, but the train state "
-          f"keeps raw key data of the default implementation ({default}). Pass "
-          "jax.random.key(seed) (the default implementation)."
-      )
-    return jnp.copy(jax.random.key_data(key))  # key_data shares the key's buffer
-  if key.dtype != jnp.uint32:
-    raise TypeError(
-        f"init_train_state: key must be a PRNG key (jax.random.key(seed)), got an array of "
-        f"dtype {key.dtype} and shape {key.shape}."
-    )
-  return key
-
-
 def _as_key(data: jax.Array | None) -> jax.Array | None:
   if data is None or jax.dtypes.issubdtype(data.dtype, jax.dtypes.prng_key):
     return data
@@ -199,7 +177,7 @@ def init_train_state(
       trainable=trainable,
       spec_state=spec_state,
       opt_state=optimizer.init(trainable),
-      key=_key_data(key),
+      key=None if key is None else key_data(key, "init_train_state: key"),
   )
   return _unaliased(state, held)
 

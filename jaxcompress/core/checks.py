@@ -119,3 +119,37 @@ def error_if(pred: Any, message: str) -> None:
     _raise_if(pred, message=message)
   else:
     jax.debug.callback(_raise_if, pred, message=message)
+
+
+def key_data(key: Any, where: str) -> jax.Array:
+  """A fresh copy of the raw uint32 data of a PRNG key, for state that must
+  checkpoint (a typed key does not), or raises naming ``where`` and the fix.
+
+  Typed keys must use JAX's default implementation, in which the data is
+  wrapped back (``jax.random.wrap_key_data``); raw keys must be uint32.
+
+  Example:
+    >>> import jax
+    >>> from jaxcompress.core.checks import key_data
+    >>> key_data(jax.random.key(0), "init_train_state: key").dtype
+    dtype('uint32')
+    >>> key_data(jax.random.key(0, impl="rbg"), "init_train_state: key")
+    Traceback (most recent call last):
+    ...
+    ValueError: init_train_state: key: the key's PRNG implementation rbg is not JAX's default threefry2x32, in which the state stores it; pass a key made by jax.random.key(seed).
+  """
+  key = jax.numpy.asarray(key)
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    impl, default = str(jax.random.key_impl(key)), jax.config.jax_default_prng_impl
+    if impl != default:
+      raise ValueError(
+          f"{where}: the key's PRNG implementation {impl} is not JAX's default {default}, in "
+          "which the state stores it; pass a key made by jax.random.key(seed)."
+      )
+    key = jax.random.key_data(key)
+  elif key.dtype != np.uint32:
+    raise TypeError(
+        f"{where}: expected a PRNG key (jax.random.key(seed)), got an array of dtype "
+        f"{key.dtype} and shape {key.shape}."
+    )
+  return jax.numpy.copy(key)  # key_data shares the key's buffer

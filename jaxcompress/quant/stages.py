@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.checks import check_int, check_number
+from jaxcompress.core.checks import check_int, check_number, key_data
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.quant import calibration as _cal
 from jaxcompress.quant import numerics, ste
@@ -105,14 +105,6 @@ class QuantState(NamedTuple):
   ranges: _cal.RangeEMA | None
   key: Array | None = None
   meta: QuantMeta | None = None
-
-
-def _key_data(key: Array) -> Array:
-  """The raw uint32 data of a typed or raw PRNG key."""
-  key = jnp.asarray(key)
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  return key.astype(jnp.uint32)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -269,17 +261,7 @@ class FakeQuant(_Quantizer):
             f"FakeQuant(rounding='stochastic') at {path!r} draws rounding noise: pass "
             "key=jax.random.key(...) to spec.init (jc.init_train_state(..., key=...))."
         )
-      key = jnp.asarray(key)
-      if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and (
-          jax.random.key_impl(key) != jax.random.key_impl(jax.random.key(0))
-      ):
-        raise ValueError(
-            f"FakeQuant(rounding='stochastic') at {path!r}: the key's PRNG implementation "
-            f"{jax.random.key_impl(key)} is not JAX's default "
-            f"{jax.random.key_impl(jax.random.key(0))}, in which the state stores it; pass "
-            "a key made by jax.random.key(seed)."
-        )
-      noise = _key_data(key)
+      noise = key_data(key, f"FakeQuant(rounding='stochastic') at {path!r}")
     meta = self._meta(path)
     if self.ranges == "dynamic":
       return None, (None if noise is None else QuantState(None, None, None, noise, meta))
@@ -305,7 +287,7 @@ class FakeQuant(_Quantizer):
     self._check_state(value, state)
     if state is not None and state.key is not None:  # fresh rounding noise every step
       fresh = ctx.key if ctx.key is not None else jax.random.wrap_key_data(state.key)
-      state = state._replace(key=_key_data(jax.random.fold_in(fresh, ctx.step)))
+      state = state._replace(key=key_data(jax.random.fold_in(fresh, ctx.step), ctx.path))
     if state is None or state.scale is None or self.update_every == 0:
       return value, params, state
     return value, params, _recalibrate_if_due(self, value, state, ctx.step)

@@ -152,3 +152,9 @@ def test_mismatched_trees_name_the_argument():
     spec.update(t, s, 0, grads={"w": jnp.ones((4, 4))})
   with pytest.raises(ValueError, match=r"grads\['w'\] has shape \(4, 1\), but the model param has shape \(4, 4\)"):
     spec.update(t, s, 0, grads={"w": jnp.ones((4, 1)), "b": jnp.ones(4)})
+
+
+def test_train_state_key_of_another_prng_implementation_is_refused():
+  spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
+  with pytest.raises(ValueError, match=r"init_train_state: key: the key's PRNG implementation rbg"):
+    jc.init_train_state(spec, optax.sgd(0.1), {"w": jnp.ones((4, 4))}, key=jax.random.key(0, impl="rbg"))
