@@ -44,7 +44,6 @@ from jaxcompress import quant as _quant
 from jaxcompress.core.stage import Stage
 from jaxcompress.export import arrays as _arrays
 from jaxcompress.export import bits as _bits
-from jaxcompress.quant import calibration as _cal
 from jaxcompress.quant import numerics as _num
 
 Buffers = list[np.ndarray]
@@ -474,28 +473,11 @@ def _encode_mask(stage, ctx: EncodeContext) -> Encoding:
 
 
 def _encode_fake_quant(stage, ctx: EncodeContext) -> Encoding:
-  value, state = ctx.value, ctx.state
-  fmt, gran = stage.fmt, stage.granularity
-  if state is None or state.scale is None:
-    cal = _cal.default_calibrator(fmt) if stage.calibration is None else stage.calibration
-    scale, zp = _num.scale_from_range(*cal(value, fmt, gran), fmt)
-  else:
-    scale, zp = state.scale, state.zero_point
-  key = None if state is None or state.key is None else jax.random.wrap_key_data(state.key)
-  q = _num.quantize(value, fmt, gran, scale=jnp.asarray(scale, jnp.float32), zero_point=zp,
-                    rounding=stage.rounding, key=key, path=ctx.path)
-  return Quantized(q, **_hints(ctx.previous))
+  return Quantized(stage.quantize(ctx.value, ctx.state, path=ctx.path), **_hints(ctx.previous))
 
 
 def _encode_lsq(stage, ctx: EncodeContext) -> Encoding:
-  value = ctx.value
-  fmt, gran = stage.fmt, stage.granularity
-  _num.check_finite(value, fmt, ctx.path)  # integer codes hold no NaN or inf
-  step = jnp.maximum(ctx.params, jnp.float32(stage.min_step)).astype(jnp.float32)
-  s = _num.expand_scale(step, value.shape, gran)
-  codes = jnp.round(jnp.clip(value.astype(jnp.float32) / s, fmt.qmin, fmt.qmax))
-  q = _num.QArray(codes.astype(jnp.int8), step, None, fmt, gran, np.dtype(value.dtype))
-  return Quantized(q, **_hints(ctx.previous))
+  return Quantized(stage.quantize(ctx.value, ctx.params, path=ctx.path), **_hints(ctx.previous))
 
 
 def _encode_cluster(stage, ctx: EncodeContext) -> Encoding:

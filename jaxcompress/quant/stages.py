@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcompress.core.checks import check_int, check_number, key_data
 from jaxcompress.core.stage import Stage, UpdateContext
@@ -270,17 +271,49 @@ class FakeQuant(_Quantizer):
     ema = _cal.ema_update(_cal.ema_init(lo.shape), lo, hi, self.decay)
     return None, QuantState(scale, zp, ema, noise, meta)
 
-  def apply(self, value, params, state):
-    del params
-    self._check_state(value, state)
+  def _grid(self, value: Array, state: QuantState | None) -> tuple[Array, Array | None, Array | None]:
+    """The scale, zero point and rounding key that ``apply`` and ``quantize`` share."""
     if state is None or state.scale is None:
       scale, zp = numerics.scale_from_range(*self._calibrate(value), self.fmt)
     else:
       scale, zp = state.scale, state.zero_point
     key = None if state is None or state.key is None else jax.random.wrap_key_data(state.key)
+    return scale, zp, key
+
+  def apply(self, value, params, state):
+    del params
+    self._check_state(value, state)
+    scale, zp, key = self._grid(value, state)
     return ste.fake_quant_ste(
         value, self.fmt, self.granularity, scale=scale, zero_point=zp, estimator=self.estimator,
         rounding=self.rounding, key=key,
+    )
+
+  def quantize(self, value: Array, state: QuantState | None, *, path: str = "<array>") -> numerics.QArray:
+    """The codes, scales and zero points that ``apply``'s output stands for.
+
+    What ``jc.export`` stores: dequantizing them gives ``apply``'s value.
+    Non-finite weights that the format cannot hold raise naming ``path``.
+
+    Args:
+      value: the weight this stage sees.
+      state: its state (from ``spec.init``/``spec.update``).
+      path: the leaf path, for errors.
+
+    Returns:
+      A ``jc.quant.QArray``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxcompress as jc
+      >>> stage = jc.quant.FakeQuant(bits=4, granularity=jc.quant.PerTensor())
+      >>> stage.quantize(jnp.array([0.7, -0.35, 0.1]), None).values.tolist()
+      [7, -4, 1]
+    """
+    self._check_state(value, state)
+    scale, zp, key = self._grid(value, state)
+    return numerics.quantize(
+        value, self.fmt, self.granularity, scale=jnp.asarray(scale, jnp.float32), zero_point=zp,
+        rounding=self.rounding, key=key, path=path,
     )
 
   def update(self, value, params, state, ctx: UpdateContext):
@@ -386,6 +419,30 @@ class LSQ(_Quantizer):
       )
     step = jnp.maximum(params, jnp.float32(self.min_step))
     return ste.lsq_fake_quant(value, step, self.fmt, self.granularity, grad_scale=self.grad_scale)
+
+  def quantize(self, value: Array, params: Array, *, path: str = "<array>") -> numerics.QArray:
+    """The codes and learned step sizes that ``apply``'s output stands for (what
+    ``jc.export`` stores); non-finite weights raise naming ``path``.
+
+    Args:
+      value: the weight this stage sees.
+      params: the trainable step sizes.
+      path: the leaf path, for errors.
+
+    Returns:
+      A ``jc.quant.QArray`` with the step sizes as scales.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxcompress as jc
+      >>> stage = jc.quant.LSQ(bits=4, granularity=jc.quant.PerTensor())
+      >>> stage.quantize(jnp.array([0.7, -0.35, 0.1]), jnp.float32(0.1)).values.tolist()
+      [7, -4, 1]
+    """
+    numerics.check_finite(value, self.fmt, path)  # integer codes hold no NaN or inf
+    step = jnp.maximum(params, jnp.float32(self.min_step)).astype(jnp.float32)
+    s = numerics.expand_scale(step, value.shape, self.granularity)
+    codes = jnp.round(jnp.clip(value.astype(jnp.float32) / s, self.fmt.qmin, self.fmt.qmax))
+    return numerics.QArray(codes.astype(jnp.int8), step, None, self.fmt, self.granularity, np.dtype(value.dtype))
 
 
 __all__ = ["FakeQuant", "LSQ", "QuantMeta", "QuantState"]
