@@ -181,6 +181,7 @@ def test_clusters_at_begin_step_from_the_pruned_weight():
   assert np.all(out[~nz] == 0)
 
 
+@pytest.mark.slow
 def test_train_step_fine_tunes_centroids_only():
   w = weights(shape=(8, 4), seed=8, zero_frac=0.0)
   spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5), jc.cluster.kmeans(bits=2)])])

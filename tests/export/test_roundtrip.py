@@ -55,8 +55,7 @@ def round_trip(case, dtype, tmp_path):
     assert r.nbytes <= r.float_nbytes, r
 
 
-FAST = {"prune_nm_2_4", "quant_fq_int4_asym_per_group_static", "quant_lowrank_then_lsq_int8",
-        "cluster_per_channel_density"}
+FAST = {"prune_nm_2_4", "quant_fq_int4_asym_per_group_static", "cluster_per_channel_density"}
 
 
 @pytest.mark.parametrize("case", params_of(CASES, fast=FAST))

@@ -71,7 +71,9 @@ QUANTS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)], ids=["f32", "bf16"]
+)
 def test_prune_then_quantize_keeps_exact_zeros(dtype):
   # One leaf per quantizer; shifted weights so asymmetric ranges are lopsided.
   p = {f"k{i}": jnp.asarray(W0 + 0.8 * i / len(QUANTS), dtype) for i in range(len(QUANTS))}
