@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -248,7 +248,7 @@ def _cluster_at_step(stage: Cluster, value, params, state, step, key, path):
   return jax.lax.cond(step == stage.begin_step, run, keep, None)
 
 
-def kmeans(bits: int, **kwargs) -> Cluster:
+def kmeans(bits: int, **kwargs: Any) -> Cluster:
   """k-means weight sharing with ``2^bits`` trainable centroids.
 
   Args:

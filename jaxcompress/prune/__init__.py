@@ -13,6 +13,8 @@ weights are exact either way.
 
 from __future__ import annotations
 
+from typing import Any
+
 from jaxcompress.core.schedules import ScalarOrSchedule
 from jaxcompress.prune.criteria import Criterion, Magnitude, Movement, Random, Saliency, Wanda
 from jaxcompress.prune.distributions import ERK, Distribution, Global, PerOutput, Uniform
@@ -22,7 +24,7 @@ from jaxcompress.prune.stage import Prune, PruneState
 from jaxcompress.prune.structures import NM, Block, Channel, Structure, Unstructured
 
 
-def magnitude(sparsity: ScalarOrSchedule, **kwargs) -> Prune:
+def magnitude(sparsity: ScalarOrSchedule, **kwargs: Any) -> Prune:
   """Magnitude pruning: keeps the largest ``|w|``.
 
   Args:
