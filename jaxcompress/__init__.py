@@ -1,6 +1,6 @@
 """jaxcompress: model compression for JAX."""
 
-from jaxcompress import cluster, distill, export, lowrank, prune, quant, testing
+from jaxcompress import checkpoint, cluster, distill, export, lowrank, prune, quant, testing
 from jaxcompress.core import schedules
 from jaxcompress.core.chain import Chain
 from jaxcompress.core.spec import Compressed, LeafState, Rule, Spec
@@ -23,6 +23,7 @@ __all__ = [
     "Stage",
     "TrainState",
     "UpdateContext",
+    "checkpoint",
     "cluster",
     "compression_update",
     "distill",
