@@ -22,7 +22,7 @@ times within a round (200 timed steps per variant, after 5 warm-up rounds).
 - ``per_output_select_speedup``: per-output masks (every output channel keeps
   10% of its weights, as ``jc.prune.PerOutput`` selects) of the first kernel,
   time with a per-row ``jax.lax.top_k`` over time with
-  ``jaxcompress.core.rowselect.topk_rows``; ``per_output_select_equal`` says
+  ``jaxcompress.core.select.topk_rows``; ``per_output_select_equal`` says
   the two masks are identical.
 
 Run: ``python benchmarks/pruning.py`` (``--quick`` for a smoke run). The last
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxcompress as jc
-from jaxcompress.core.rowselect import topk_rows
+from jaxcompress.core.select import topk_rows
 from _common import cross_entropy as loss_fn
 from _common import cpu_info, init_mlp, mlp, paired_ratios
 

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.checks import check_int, check_number
-from jaxcompress.core.rowselect import topk_rows
-from jaxcompress.core.select import topk_masks
+from jaxcompress.core.select import topk_masks, topk_rows
 
 
 def _one(mask: jax.Array | None) -> list[jax.Array] | None:
@@ -216,7 +215,7 @@ class PerOutput(Distribution):
   least ``min(min_kept, fan)`` (``Prune(min_kept=...)``), the highest scores
   of that channel, so no output is pruned more than another.
   With ``Wanda()`` this is the paper's rule (Sun et al. 2024). Selection is
-  exact and sort-free (``jaxcompress.core.rowselect.topk_rows``); NaN scores
+  exact and sort-free (``jaxcompress.core.select.topk_rows``); NaN scores
   are dropped first and ties go to the lower index within the channel.
 
   Only unstructured pruning (``structure=Unstructured()``, the default) of

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress.core.rowselect import topk_rows
+from jaxcompress.core.select import topk_rows
 
 
 _topk = jax.jit(topk_rows)
