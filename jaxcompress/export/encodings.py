@@ -9,7 +9,11 @@ its params and state, the value it gives, and the encoding of the value it got
   leaves exact zeros; an N:M mask is kept as 2-bit positions for 2:4);
 - ``Quantized``: integer codes bit-packed at the format's width (``int4``: two
   per byte; ``int2``/``int3`` packed) or float8 bytes, with the scales and zero
-  points of the granularity; after pruning only the kept codes are stored;
+  points of the granularity; after pruning only the kept codes are stored.
+  Block-scaled formats store their elements (``float4_e2m1fn``: the 4-bit
+  patterns, two per byte; float8: one byte each), their block scales one byte
+  per block (``float8_e8m0fnu`` or ``float8_e4m3fn``) and NVFP4's float32
+  tensor scale (``nvfp4 group16@-2 dense:float8_e4m3fn dense:float32 dense:u4``);
 - ``Clustered``: a codebook and per-entry indices at ``ceil(log2 k)`` bits,
   zeros stored as positions;
 - ``Factorized``: low-rank factors, each itself encoded by the stages after
@@ -44,6 +48,7 @@ from jaxcompress import quant as _quant
 from jaxcompress.core.stage import Stage
 from jaxcompress.export import arrays as _arrays
 from jaxcompress.export import bits as _bits
+from jaxcompress.quant import blockscaled as _blockscaled
 from jaxcompress.quant import numerics as _num
 
 Buffers = list[np.ndarray]
@@ -107,6 +112,8 @@ class Quantized(Encoding):
   def write(self, bufs, huffman):
     q = self.qarray
     fmt = q.fmt
+    if fmt.is_block_scaled:
+      return self._write_block_scaled(bufs, huffman)
     if fmt.is_float:
       head = fmt.dtype
     else:
@@ -128,6 +135,23 @@ class Quantized(Encoding):
         words.append("rel")
     array = _arrays.store(bufs, codes, fill=0, int_range=(lo, hi), kept=self.kept, nm=self.nm,
                           huffman=huffman)
+    return " ".join(words + [array])
+
+  def _write_block_scaled(self, bufs, huffman):
+    """``<format> <granularity> <block scales> [<tensor scale>] <elements>``."""
+    q = self.qarray
+    fmt = q.fmt
+    words = [fmt.dtype, granularity_name(q.granularity)]
+    words.append(_arrays.store(bufs, np.asarray(q.scale).astype(fmt.scale_dtype), dense=True))
+    if fmt.block.tensor_scale:
+      words.append(_arrays.store(bufs, np.asarray(q.tensor_scale, np.float32).reshape(1), dense=True))
+    values = np.asarray(q.values)
+    if _num.num_bits(fmt) == 4:  # the e2m1 bit patterns, packed two per byte
+      codes = (_arrays.raw_bits(values) & 0xF).astype(np.int64)
+      array = _arrays.store(bufs, codes, fill=0, int_range=(0, 15), kept=self.kept, nm=self.nm,
+                            huffman=huffman)
+    else:
+      array = _arrays.store(bufs, values, fill=0, kept=self.kept, nm=self.nm)
     return " ".join(words + [array])
 
 
@@ -242,6 +266,7 @@ def granularity_from_name(name: str) -> _num.Granularity:
 
 
 _QUANT = re.compile(r"(int(\d)(n?)(\+zp)?|float8_e4m3fn|float8_e5m2)$")
+_BLOCK_SCALED = tuple(_blockscaled.FORMATS)
 _CODEBOOK = re.compile(r"codebook(\d+)(?:@(\d+))?$")
 
 
@@ -314,6 +339,34 @@ def _quant_parts(desc: str, bufs: _arrays.Reader, shape: tuple[int, ...]):
   return codes, scale, zp, fmt, gran
 
 
+def _block_scaled_qarray(desc: str, bufs: _arrays.Reader, shape: tuple[int, ...], dtype: np.dtype):
+  """The ``QArray`` of a block-scaled descriptor (see ``Quantized``)."""
+  head, _, rest = desc.partition(" ")
+  fmt = _num.Format(dtype=head)
+  gran_name, _, rest = rest.partition(" ")
+  gran = granularity_from_name(gran_name)
+  _num.check(fmt, gran, shape, "the stored leaf")
+  scale_desc, _, rest = rest.partition(" ")
+  scale = _arrays.load(scale_desc, bufs, gran.scale_shape(shape))
+  if scale.dtype != fmt.scale_dtype:
+    raise ValueError(f"{fmt.dtype} block scales are {fmt.scale_dtype}, the stored ones are {scale.dtype}.")
+  tensor_scale = None
+  if fmt.block.tensor_scale:
+    tensor_desc, _, rest = rest.partition(" ")
+    tensor_scale = _arrays.load(tensor_desc, bufs, (1,))
+    if tensor_scale.dtype != np.float32:
+      raise ValueError(f"the {fmt.dtype} tensor scale is float32, the stored one is {tensor_scale.dtype}.")
+    tensor_scale = jnp.asarray(tensor_scale.reshape(()))
+  values = _arrays.load(rest, bufs, shape, fill=0)
+  if _num.num_bits(fmt) == 4:
+    if values.size and (values.min() < 0 or values.max() > 15):
+      raise ValueError("4-bit element codes fall outside [0, 15].")
+    values = values.astype(np.uint8).view(fmt.storage_dtype)
+  elif values.dtype != fmt.storage_dtype:
+    raise ValueError(f"{fmt.dtype} elements are {fmt.storage_dtype}, the stored ones are {values.dtype}.")
+  return _num.QArray(jnp.asarray(values), jnp.asarray(scale), None, fmt, gran, dtype, tensor_scale)
+
+
 def quantized_parts(desc: str, buffers: list[np.ndarray], shape: tuple[int, ...]):
   """``(codes, scale, format, granularity)`` of a symmetric quantized leaf, else ``None``.
 
@@ -370,6 +423,8 @@ def _decode(desc: str, bufs: _arrays.Reader, shape: tuple[int, ...], dtype: np.d
       a = channel * k + a
     shared = codebook.reshape(-1)[a]
     return jnp.where(nonzero, shared, jnp.zeros(a.shape, codebook.dtype))
+  if head in _BLOCK_SCALED:
+    return _num.dequantize(_block_scaled_qarray(desc, bufs, shape, dtype))
   if _QUANT.match(head):
     codes, scale, zp, fmt, gran = _quant_parts(desc, bufs, shape)
     scale = jnp.asarray(scale)

@@ -2,6 +2,11 @@
 
 Weights are fake-quantized by spec stages (``FakeQuant``, ``LSQ``); activations
 and low-precision matmuls live in ``activations`` and ``dot_general``.
+
+Formats (``Format(dtype=...)``): integers of 2 to 8 bits, float8, and the
+block-scaled formats ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxfp4"`` and
+``"nvfp4"`` (``blockscaled``), which ``FakeQuant``, ``quantize``,
+``quantize_params`` and ``gptq`` take like any other ``dtype``.
 """
 
 # --- numerics, estimators, calibration, stages, post-training quantization ---

@@ -7,8 +7,10 @@ integer formats, an integer ``zero_point``::
     x ~= (values - zero_point) * scale
 
 - ``Format`` says what the values are: integers of 2 to 8 bits (symmetric or
-  with a zero point, optionally narrow range), or ``float8_e4m3fn`` /
-  ``float8_e5m2``.
+  with a zero point, optionally narrow range), ``float8_e4m3fn`` /
+  ``float8_e5m2``, or a block-scaled format (``mxfp8_e4m3``, ``mxfp8_e5m2``,
+  ``mxfp4``, ``nvfp4``: small float elements with one low-precision scale per
+  block of 32 or 16 elements along the reduction axis, see ``blockscaled``).
 - A granularity says which elements share a scale: ``PerTensor()``,
   ``PerChannel(axis=-1)`` (one scale per index of ``axis``), or
   ``PerGroup(size=128, axis=-2)`` (groups of ``size`` consecutive elements
@@ -19,6 +21,14 @@ A scale always has the rank of the tensor it belongs to: size 1 on the axes it
 is shared over, the full size on the axes it follows, and the number of groups
 on a ``PerGroup`` axis (``(in, out)`` kernel, ``PerGroup(128, axis=0)``:
 scale ``(in // 128, out)``). ``expand_scale`` broadcasts it back.
+
+Block-scaled formats use ``PerGroup(size=block, axis=...)`` (the default for
+them: the block size along axis ``-2``). Their scales are not calibrated: the
+format's rule sets each from its block's largest finite magnitude
+(``blockscaled``); a ``QArray`` keeps them in their storage dtype
+(``float8_e8m0fnu`` or ``float8_e4m3fn``) with NVFP4's float32
+``tensor_scale``, and ``compute_scale`` gives the float32 decode scale of each
+block.
 
 Integer rounding is round-half-to-even (``jnp.round``) or stochastic
 (``floor(y + u)``, ``u ~ U[0, 1)`` drawn by ``jax.random.uniform(key, x.shape)``).
@@ -38,8 +48,8 @@ neighbours:
   training hot path uses (no host callback, no extra pass);
 - a real encoding (``quantize``, ``quantize_params``, ``gptq``) keeps what its
   storage dtype holds (NaN in both float8 formats, +-inf in ``float8_e5m2``)
-  and refuses the rest (any non-finite value in an integer format, +-inf in
-  ``float8_e4m3fn``): a ``ValueError`` naming the leaf path at once when the
+  and refuses the rest (any non-finite value in an integer format or with
+  ``float4_e2m1fn`` elements, +-inf in ``float8_e4m3fn``): a ``ValueError`` naming the leaf path at once when the
   values are concrete, or the same error at run time (``core.checks.error_if``)
   when they are traced.
 """
@@ -51,15 +61,18 @@ from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jaxcompress.core.checks import check_int, error_if, is_concrete
+from jaxcompress.quant import blockscaled
 
 Array = jax.Array
 Rounding = Literal["nearest", "stochastic"]
 
 _FLOAT8 = {"float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
-_DTYPES = ("int",) + tuple(_FLOAT8)
+_BLOCK = blockscaled.FORMATS
+_DTYPES = ("int",) + tuple(_FLOAT8) + tuple(_BLOCK)
 _ROUNDINGS = ("nearest", "stochastic")
 
 
@@ -70,7 +83,7 @@ _ROUNDINGS = ("nearest", "stochastic")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Format:
-  """What quantized values are: integers of ``bits`` bits, or float8.
+  """What quantized values are: integers of ``bits`` bits, float8, or block-scaled floats.
 
   Integer grids (``qmin``/``qmax``):
 
@@ -84,11 +97,19 @@ class Format:
   Float8 formats are symmetric; the scale maps the absolute maximum to the
   largest finite float8 value.
 
+  Block-scaled formats (``jaxcompress.quant.blockscaled``) store float elements
+  with one scale per block of ``block_size`` elements along the reduction axis:
+  ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"`` and ``"mxfp4"`` (OCP MX: 32-element blocks,
+  power-of-two ``float8_e8m0fnu`` scales) and ``"nvfp4"`` (16-element blocks,
+  ``float8_e4m3fn`` scales and a float32 tensor scale). They are symmetric and
+  take their scales from the format's rule, not from a calibrator.
+
   Fields are checked when the format is built (``Format(bits=9)`` raises).
 
   Args:
-    dtype: ``"int"``, ``"float8_e4m3fn"`` or ``"float8_e5m2"``.
-    bits: integer width, 2 to 8 (ignored for float8).
+    dtype: ``"int"``, ``"float8_e4m3fn"``, ``"float8_e5m2"``, ``"mxfp8_e4m3"``,
+      ``"mxfp8_e5m2"``, ``"mxfp4"`` or ``"nvfp4"``.
+    bits: integer width, 2 to 8 (ignored for the float formats).
     symmetric: no zero point (integers; float8 is always symmetric).
     narrow_range: drop the most negative integer so the grid is symmetric
       around zero (``[-127, 127]`` for 8 bits).
@@ -100,6 +121,9 @@ class Format:
     (-8, 7, dtype(int4))
     >>> jc.quant.Format(bits=8, narrow_range=True).qmin
     -127
+    >>> f = jc.quant.Format(dtype="mxfp4")
+    >>> f.storage_dtype, f.block_size, f.scale_dtype, f.qmax
+    (dtype(float4_e2m1fn), 32, dtype(float8_e8m0fnu), 6.0)
   """
 
   dtype: str = "int"
@@ -109,28 +133,50 @@ class Format:
 
   @property
   def is_float(self) -> bool:
-    """True for the float8 formats."""
-    return self.dtype in _FLOAT8
+    """True when the values are floats: the float8 and the block-scaled formats."""
+    return self.dtype in _FLOAT8 or self.dtype in _BLOCK
+
+  @property
+  def is_block_scaled(self) -> bool:
+    """True for the block-scaled formats (``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp4``, ``nvfp4``)."""
+    return self.dtype in _BLOCK
+
+  @property
+  def block(self) -> blockscaled.BlockFormat | None:
+    """The ``blockscaled.BlockFormat`` of a block-scaled format, else ``None``."""
+    return _BLOCK.get(self.dtype)
+
+  @property
+  def block_size(self) -> int | None:
+    """Elements per scale of a block-scaled format (32 for MX, 16 for NVFP4), else ``None``."""
+    return None if self.block is None else self.block.block_size
+
+  @property
+  def scale_dtype(self) -> np.dtype:
+    """The dtype ``QArray.scale`` is stored in: float32, or a block-scaled format's scale type."""
+    return np.dtype(np.float32) if self.block is None else self.block.scale
 
   @property
   def storage_dtype(self) -> np.dtype:
     """The dtype ``QArray.values`` are stored in."""
+    if self.block is not None:
+      return self.block.element
     if self.is_float:
       return np.dtype(_FLOAT8[self.dtype])
     return np.dtype(jnp.int4 if self.bits <= 4 else jnp.int8)
 
   @property
   def qmin(self) -> int | float:
-    """The smallest grid value (``-max finite`` for float8)."""
+    """The smallest grid value (``-max finite`` for the float formats)."""
     if self.is_float:
-      return -float(jnp.finfo(_FLOAT8[self.dtype]).max)
+      return -float(jnp.finfo(self.storage_dtype).max)
     return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
 
   @property
   def qmax(self) -> int | float:
-    """The largest grid value (the largest finite value for float8)."""
+    """The largest grid value (the largest finite value for the float formats)."""
     if self.is_float:
-      return float(jnp.finfo(_FLOAT8[self.dtype]).max)
+      return float(jnp.finfo(self.storage_dtype).max)
     return 2 ** (self.bits - 1) - 1
 
   def __post_init__(self):
@@ -150,7 +196,7 @@ class Format:
       ((-8.5, 7.5), (-464.0, 464.0))
     """
     if self.is_float:
-      info = jnp.finfo(_FLOAT8[self.dtype])
+      info = jnp.finfo(self.storage_dtype)
       top = float(info.max)
       half_ulp = 2.0 ** (int(np.floor(np.log2(top))) - int(info.nmant) - 1)
       return -(top + half_ulp), top + half_ulp
@@ -159,14 +205,22 @@ class Format:
   def holds(self, value: float) -> bool:
     """True when the storage dtype can hold the non-finite ``value`` (NaN or +-inf).
 
+    Integers and ``float4_e2m1fn`` hold neither; ``float8_e4m3fn`` holds NaN;
+    ``float8_e5m2`` holds both.
+
     Example:
       >>> import jaxcompress as jc
       >>> jc.quant.Format().holds(float("nan")), jc.quant.Format(dtype="float8_e5m2").holds(float("inf"))
       (False, True)
+      >>> jc.quant.Format(dtype="mxfp4").holds(float("nan"))
+      False
     """
     if not self.is_float:
       return False
-    return np.isnan(value) or self.dtype == "float8_e5m2"
+    element = self.storage_dtype
+    if np.isnan(value):
+      return element in (np.dtype(jnp.float8_e4m3fn), np.dtype(jnp.float8_e5m2))
+    return element == np.dtype(jnp.float8_e5m2)
 
   def check(self, path: str = "<array>") -> None:
     """Raises ``ValueError``/``TypeError`` naming ``path`` if a field is invalid.
@@ -216,10 +270,11 @@ def check_format_fields(where: str, *, dtype: Any, bits: Any, symmetric: Any, na
   for name, flag in (("symmetric", symmetric), ("narrow_range", narrow_range)):
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"{where}: {name} must be True or False, got {flag!r}.")
-  if dtype in _FLOAT8:
+  if dtype in _FLOAT8 or dtype in _BLOCK:
     if not symmetric:
       raise ValueError(
-          f"{where}: dtype={dtype!r} with symmetric=False; float8 quantization is "
+          f"{where}: dtype={dtype!r} with symmetric=False; "
+          f"{'float8' if dtype in _FLOAT8 else 'block-scaled'} quantization is "
           "symmetric only: pass symmetric=True, or use dtype='int' for a zero point."
       )
     return
@@ -415,6 +470,9 @@ def check(fmt: Format, granularity: Granularity, shape: tuple[int, ...], path: s
     None; raises ``ValueError``/``TypeError`` naming ``path``, the bad value and
     the fix.
 
+  Block-scaled formats take ``PerGroup(size=fmt.block_size)`` only, and the
+  size of its axis must be a multiple of the block size.
+
   Example:
     >>> import jaxcompress as jc
     >>> from jaxcompress.quant.numerics import check
@@ -422,6 +480,10 @@ def check(fmt: Format, granularity: Granularity, shape: tuple[int, ...], path: s
     Traceback (most recent call last):
     ...
     ValueError: Dense_0/kernel: PerGroup(size=48) does not divide axis -2 of size 128 ...
+    >>> check(jc.quant.Format(dtype="mxfp4"), jc.quant.PerGroup(size=32), (48, 8), "Dense_0/kernel")
+    Traceback (most recent call last):
+    ...
+    ValueError: Dense_0/kernel: mxfp4 takes blocks of 32 elements along axis -2, whose size 48 ...
   """
   if not isinstance(fmt, Format):
     raise TypeError(f"{path}: expected a quant Format, got {fmt!r}; e.g. Format(bits=8).")
@@ -431,7 +493,74 @@ def check(fmt: Format, granularity: Granularity, shape: tuple[int, ...], path: s
         f"{path}: unknown granularity {granularity!r}; use PerTensor(), "
         "PerChannel(axis=...) or PerGroup(size=..., axis=...)."
     )
+  if fmt.is_block_scaled:
+    check_block_granularity(fmt, granularity, path)
+    axis = granularity.axis
+    if -len(shape) <= axis < len(shape) and shape[axis] % fmt.block_size:
+      n = shape[axis]
+      fits = [f"{name} ({b.block_size})" for name, b in _BLOCK.items() if n % b.block_size == 0]
+      fix = (f"block-scaled formats whose block divides {n}: {', '.join(fits)}" if fits else
+             f"no block-scaled format fits (their block sizes are "
+             f"{sorted({b.block_size for b in _BLOCK.values()})}): leave this leaf unquantized, "
+             "or use an integer or float8 format")
+      raise ValueError(
+          f"{path}: {fmt.dtype} takes blocks of {fmt.block_size} elements along axis {axis}, "
+          f"whose size {n} (shape {tuple(shape)}) is not a multiple of {fmt.block_size}; {fix}."
+      )
   granularity.check(tuple(shape), path)
+
+
+def default_granularity(fmt: Format) -> Granularity:
+  """The granularity a format gets when none is given.
+
+  ``PerChannel()`` (one scale per output channel), or for a block-scaled
+  format ``PerGroup(size=fmt.block_size)`` (blocks along the reduction axis ``-2``).
+
+  Args:
+    fmt: the format.
+
+  Returns:
+    A granularity.
+
+  Example:
+    >>> import jaxcompress as jc
+    >>> from jaxcompress.quant.numerics import default_granularity
+    >>> default_granularity(jc.quant.Format()), default_granularity(jc.quant.Format(dtype="nvfp4"))
+    (PerChannel(axis=-1), PerGroup(size=16, axis=-2))
+  """
+  if fmt.is_block_scaled:
+    return PerGroup(size=fmt.block_size)
+  return PerChannel()
+
+
+def check_block_granularity(fmt: Format, granularity: Any, where: str) -> None:
+  """Refuses a granularity other than ``PerGroup(size=fmt.block_size)`` for a block-scaled format.
+
+  Args:
+    fmt: the format (nothing is checked unless it is block-scaled).
+    granularity: the granularity given.
+    where: the stage, function or leaf path to name.
+
+  Returns:
+    None; raises ``ValueError``.
+
+  Example:
+    >>> import jaxcompress as jc
+    >>> from jaxcompress.quant.numerics import check_block_granularity
+    >>> check_block_granularity(jc.quant.Format(dtype="mxfp4"), jc.quant.PerChannel(), "FakeQuant")
+    Traceback (most recent call last):
+    ...
+    ValueError: FakeQuant: mxfp4 shares one scale per block of 32 consecutive elements ...
+  """
+  if not fmt.is_block_scaled:
+    return
+  if not (isinstance(granularity, PerGroup) and granularity.size == fmt.block_size):
+    raise ValueError(
+        f"{where}: {fmt.dtype} shares one scale per block of {fmt.block_size} consecutive "
+        f"elements along the reduction axis, got granularity={granularity!r}; leave granularity "
+        f"unset (PerGroup(size={fmt.block_size}, axis=-2)) or pass "
+        f"PerGroup(size={fmt.block_size}, axis=<the reduction axis>)."
+    )
 
 
 # --------------------------------------------------------------------------
@@ -523,6 +652,11 @@ def scale_from_range(lo: Array, hi: Array, fmt: Format) -> tuple[Array, Array | 
     >>> round(float(s) * 255, 4), int(z)
     (4.0, -64)
   """
+  if fmt.is_block_scaled:
+    raise ValueError(
+        f"scale_from_range: {fmt.dtype} takes its scales from each block's largest magnitude "
+        "(the format's rule), not from a calibrated range; use compute_scale or block_scales."
+    )
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
   if fmt.symmetric:
@@ -540,6 +674,9 @@ def compute_scale(
 ) -> tuple[Array, Array | None]:
   """The dynamic scale (and zero point) of ``x``: its absmax, or its min/max.
 
+  For a block-scaled format, the float32 decode scale of each block (what the
+  elements are multiplied by): the stored scales of ``block_scales``, decoded.
+
   Args:
     x: the tensor.
     fmt: the format.
@@ -547,7 +684,8 @@ def compute_scale(
 
   Returns:
     ``(scale, zero_point)`` of shape ``granularity.scale_shape(x.shape)``, as
-    ``scale_from_range`` gives them.
+    ``scale_from_range`` gives them (``zero_point`` is ``None`` for
+    block-scaled formats).
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
@@ -556,6 +694,8 @@ def compute_scale(
     >>> (s * 127).tolist(), z
     ([[1.0, 2.0]], None)
   """
+  if fmt.is_block_scaled:
+    return blockscaled.decode_scale(*block_scales(x, fmt, granularity)), None
   # Non-finite values count as zeros: the range is widened to include zero
   # anyway, so the scale is that of the finite values alone.
   xf = finite_or_zero(x.astype(jnp.float32))
@@ -565,6 +705,50 @@ def compute_scale(
   lo = reduce_blocks(xf, granularity, jnp.min)
   hi = reduce_blocks(xf, granularity, jnp.max)
   return scale_from_range(lo, hi, fmt)
+
+
+def block_scales(
+    x: Array, fmt: Format, granularity: Granularity, *, tensor_scale: Array | None = None
+) -> tuple[Array, Array | None]:
+  """The stored scales of a block-scaled format: ``(scale, tensor_scale)``.
+
+  From the largest finite magnitude of each block (after flushing float32
+  subnormals), by the format's rule (``blockscaled``): MX formats give
+  ``float8_e8m0fnu`` powers of two and ``tensor_scale=None``; NVFP4 gives
+  ``float8_e4m3fn`` block scales and its float32 tensor scale.
+
+  Args:
+    x: the tensor.
+    fmt: a block-scaled format.
+    granularity: ``PerGroup(size=fmt.block_size, axis=...)``.
+    tensor_scale: NVFP4 only: a given tensor scale (GPTQ fixes it from the
+      whole kernel before quantizing its blocks one by one); by default the
+      one of ``x``.
+
+  Returns:
+    ``(scale, tensor_scale)``: ``scale`` of shape
+    ``granularity.scale_shape(x.shape)`` in ``fmt.scale_dtype``;
+    ``tensor_scale`` a float32 scalar for NVFP4, else ``None``.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> from jaxcompress.quant.numerics import block_scales
+    >>> x = jnp.array([[3.0], [-0.7]] * 16)  # one block of 32 along axis -2
+    >>> s, t = block_scales(x, jc.quant.Format(dtype="mxfp4"), jc.quant.PerGroup(size=32))
+    >>> s.dtype, s.astype(jnp.float32).tolist(), t
+    (dtype(float8_e8m0fnu), [[0.5]], None)
+  """
+  block = fmt.block
+  if block is None:
+    raise ValueError(f"block_scales: {fmt!r} is not block-scaled; use compute_scale.")
+  xf = blockscaled.flush_subnormals(finite_or_zero(x.astype(jnp.float32)))
+  amax = reduce_blocks(jnp.abs(xf), granularity, jnp.max)
+  if not block.tensor_scale:
+    return blockscaled.mx_scale(amax, block), None
+  if tensor_scale is None:
+    tensor_scale = blockscaled.nvfp4_tensor_scale(jnp.max(amax))
+  tensor_scale = jnp.asarray(tensor_scale, jnp.float32).reshape(())
+  return blockscaled.nvfp4_block_scale(amax, tensor_scale), tensor_scale
 
 
 def finite_or_zero(x: Array) -> Array:
@@ -623,9 +807,9 @@ def check_finite(
     ...
     ValueError: w: 1 non-finite value(s) (first nan at index (1,)) cannot be encoded in int8; ...
   """
-  if fmt is not None and fmt.is_float and fmt.holds(np.inf):
+  if fmt is not None and fmt.holds(np.inf):
     return
-  bad = jnp.isinf(x) if fmt is not None and fmt.is_float else ~jnp.isfinite(x)
+  bad = jnp.isinf(x) if fmt is not None and fmt.holds(np.nan) else ~jnp.isfinite(x)
   if why is None:
     why = ("are not accepted" if fmt is None else
            f"cannot be encoded in {fmt.dtype if fmt.is_float else f'int{fmt.bits}'}")
@@ -649,7 +833,7 @@ def check_finite(
 # --------------------------------------------------------------------------
 
 
-def _float8_stochastic(y: Array, dtype: Any, u: Array) -> Array:
+def _float_stochastic(y: Array, dtype: Any, u: Array) -> Array:
   info = jnp.finfo(dtype)
   _, e = jnp.frexp(y)  # |y| in [2**(e-1), 2**e)
   exp = jnp.maximum(e - 1, int(info.minexp)) - int(info.nmant)
@@ -692,7 +876,7 @@ def to_grid(
       raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...).")
     u = jax.random.uniform(key, y.shape, jnp.float32)
     if fmt.is_float:
-      y = _float8_stochastic(y, _FLOAT8[fmt.dtype], u)
+      y = _float_stochastic(y, fmt.storage_dtype, u)
     else:
       y = jnp.floor(y + u)
   elif fmt.is_float:
@@ -711,19 +895,24 @@ def to_grid(
 class QArray:
   """A quantized tensor: ``x ~= (values - zero_point) * expand(scale)``.
 
-  A registered pytree: ``values``, ``scale`` and ``zero_point`` are its
-  children (so it passes through ``jax.jit`` and can be sharded), ``fmt``,
-  ``granularity`` and ``dtype`` are static.
+  A registered pytree: ``values``, ``scale``, ``zero_point`` and
+  ``tensor_scale`` are its children (so it passes through ``jax.jit`` and can
+  be sharded), ``fmt``, ``granularity`` and ``dtype`` are static.
 
   Attributes:
     values: the quantized values, in ``fmt.storage_dtype`` (``int8``, ``int4``,
-      ``float8_e4m3fn``, ``float8_e5m2``), shape of the original tensor.
-    scale: float32, shape ``granularity.scale_shape(values.shape)``.
+      ``float8_e4m3fn``, ``float8_e5m2``, ``float4_e2m1fn``), shape of the
+      original tensor.
+    scale: shape ``granularity.scale_shape(values.shape)``, in
+      ``fmt.scale_dtype``: float32, or for a block-scaled format its stored
+      block scales (``float8_e8m0fnu`` or ``float8_e4m3fn``).
     zero_point: ``None`` for symmetric formats, else an integer array like
       ``scale`` in the storage dtype.
     fmt: the ``Format``.
     granularity: the granularity.
     dtype: the dtype of the original tensor (what ``dequantize`` returns).
+    tensor_scale: NVFP4's float32 scalar tensor scale (the block scales are
+      multiplied by it); ``None`` otherwise.
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
@@ -738,6 +927,7 @@ class QArray:
   fmt: Format = dataclasses.field(default_factory=Format)
   granularity: Granularity = dataclasses.field(default_factory=lambda: PerChannel())
   dtype: Any = np.dtype(np.float32)
+  tensor_scale: Array | None = None
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -762,7 +952,9 @@ class QArray:
 
 
 jax.tree_util.register_dataclass(
-    QArray, data_fields=["values", "scale", "zero_point"], meta_fields=["fmt", "granularity", "dtype"]
+    QArray,
+    data_fields=["values", "scale", "zero_point", "tensor_scale"],
+    meta_fields=["fmt", "granularity", "dtype"],
 )
 
 
@@ -784,13 +976,20 @@ def quantize(
   values; NaN/inf are kept where the storage dtype holds them, else refused
   (``check_finite``: a ``ValueError`` naming ``path``).
 
+  Block-scaled formats: the stored block scales (and NVFP4's tensor scale)
+  come from ``block_scales``; each element is ``x`` divided by its block's
+  decode scale, rounded to nearest (ties to even) in the element type and
+  clamped to its largest finite value (``blockscaled`` has the rules).
+
   Args:
     x: the tensor (any float dtype).
     fmt: the format; default ``Format()`` (int8 symmetric).
-    granularity: default ``PerChannel()`` (one scale per last-axis index).
+    granularity: default ``PerChannel()`` (one scale per last-axis index);
+      ``PerGroup(size=fmt.block_size)`` for block-scaled formats.
     scale: a fixed scale of shape ``granularity.scale_shape(x.shape)`` (from
       calibration or learned); by default computed from ``x``
-      (``compute_scale``).
+      (``compute_scale``). Not for block-scaled formats, whose scales come
+      from the blocks.
     zero_point: the zero point with a given asymmetric ``scale``.
     rounding: ``"nearest"`` or ``"stochastic"`` (see ``to_grid``).
     key: PRNG key for stochastic rounding.
@@ -807,20 +1006,34 @@ def quantize(
     ([0, 2, -1, 7], [0.5])
     >>> q.dequantize().tolist()
     [0.0, 1.0, -0.5, 3.5]
+    >>> q = jc.quant.quantize(jnp.array([[0.7], [-3.0]] * 8), jc.quant.Format(dtype="nvfp4"))
+    >>> q.values[:2, 0].tolist(), q.scale.dtype, float(q.scale[0, 0]), round(float(q.tensor_scale) * 2688, 4)
+    ([1.5, -6.0], dtype(float8_e4m3fn), 448.0, 3.0)
   """
   fmt = Format() if fmt is None else fmt
-  granularity = PerChannel() if granularity is None else granularity
+  granularity = default_granularity(fmt) if granularity is None else granularity
   check(fmt, granularity, tuple(x.shape), path)
   check_finite(x, fmt, path)
-  y, scale, zp = _to_grid_values(x, fmt, granularity, scale, zero_point, rounding, key, path)
+  tensor_scale = None
+  if fmt.is_block_scaled:
+    if scale is not None or zero_point is not None:
+      raise ValueError(
+          f"{path}: {fmt.dtype} takes its scales from each block's largest magnitude (the "
+          "format's rule); drop scale= and zero_point=."
+      )
+    scale, tensor_scale = block_scales(x, fmt, granularity)
+    y, _, zp = _to_grid_values(x, fmt, granularity, blockscaled.decode_scale(scale, tensor_scale),
+                               None, rounding, key, path)
+  else:
+    y, scale, zp = _to_grid_values(x, fmt, granularity, scale, zero_point, rounding, key, path)
   xf = x.astype(jnp.float32)
-  # What the storage dtype holds passes through (float8 NaN/inf); integers
-  # were refused above, and get 0 under a traced check.
-  y = jnp.where(jnp.isfinite(xf), y, xf if fmt.is_float else jnp.zeros_like(y))
+  # What the storage dtype holds passes through (float8 NaN/inf); what it
+  # cannot hold was refused above, and gets 0 under a traced check.
+  y = jnp.where(jnp.isfinite(xf), y, xf if fmt.holds(np.nan) else jnp.zeros_like(y))
   values = y.astype(fmt.storage_dtype)
   if zp is not None:
     zp = jnp.asarray(zp).astype(fmt.storage_dtype)
-  return QArray(values, scale, zp, fmt, granularity, np.dtype(x.dtype))
+  return QArray(values, scale, zp, fmt, granularity, np.dtype(x.dtype), tensor_scale)
 
 
 def _to_grid_values(x, fmt, granularity, scale, zero_point, rounding, key, path):
@@ -843,7 +1056,10 @@ def _to_grid_values(x, fmt, granularity, scale, zero_point, rounding, key, path)
         f"{path}: scale of shape {tuple(scale.shape)} does not fit {granularity!r} on a tensor "
         f"of shape {tuple(x.shape)}; expected shape {want}."
     )
-  y = x.astype(jnp.float32) / expand_scale(scale, x.shape, granularity)
+  xf = x.astype(jnp.float32)
+  if fmt.is_block_scaled:
+    xf = blockscaled.flush_subnormals(xf)
+  y = xf / expand_scale(scale, x.shape, granularity)
   if zp is not None:
     y = y + expand_scale(zp, x.shape, granularity).astype(jnp.float32)
   return to_grid(y, fmt, rounding=rounding, key=key), scale, zp
@@ -852,7 +1068,10 @@ def _to_grid_values(x, fmt, granularity, scale, zero_point, rounding, key, path)
 def dequantize(q: QArray, dtype: Any = None) -> Array:
   """The float tensor a ``QArray`` stands for: ``(values - zero_point) * scale``.
 
-  Computed in float32, then cast to ``dtype``.
+  Computed in float32, then cast to ``dtype``. For a block-scaled format the
+  scale is the decode scale of each block (``blockscaled.decode_scale``: the
+  stored scale, times NVFP4's tensor scale), and float32 subnormal results are
+  flushed to zero.
 
   Args:
     q: the quantized array.
@@ -868,11 +1087,23 @@ def dequantize(q: QArray, dtype: Any = None) -> Array:
     >>> y.dtype, bool(jnp.abs(y - x).max() < 0.02)
     (dtype(bfloat16), True)
   """
-  v = q.values.astype(jnp.float32)
-  if q.zero_point is not None:
-    v = v - expand_scale(q.zero_point, q.shape, q.granularity).astype(jnp.float32)
-  out = v * expand_scale(q.scale, q.shape, q.granularity)
-  return out.astype(q.dtype if dtype is None else dtype)
+  scale = q.scale
+  if q.fmt.is_block_scaled:
+    scale = blockscaled.decode_scale(scale, q.tensor_scale)
+  return _dequantize_values(q.values, scale, q.zero_point, q.fmt, q.granularity,
+                            q.dtype if dtype is None else dtype)
+
+
+def _dequantize_values(values, scale, zero_point, fmt, granularity, dtype):
+  """``(values - zero_point) * scale`` with a float32 (decode) scale: ``dequantize``'s arithmetic."""
+  shape = tuple(values.shape)
+  v = values.astype(jnp.float32)
+  if zero_point is not None:
+    v = v - expand_scale(zero_point, shape, granularity).astype(jnp.float32)
+  out = v * expand_scale(scale, shape, granularity)
+  if fmt.is_block_scaled:
+    out = blockscaled.flush_subnormals(out)
+  return out.astype(dtype)
 
 
 def fake_quant(
@@ -893,7 +1124,9 @@ def fake_quant(
   error, so it fits a training step.
 
   Args:
-    x, fmt, granularity, scale, zero_point, rounding, key: as for ``quantize``.
+    x, fmt, granularity, zero_point, rounding, key: as for ``quantize``.
+    scale: as for ``quantize``; for a block-scaled format, the float32 decode
+      scale of each block (``compute_scale`` gives it; default).
 
   Returns:
     An array like ``x`` holding grid values times the scale.
@@ -905,35 +1138,40 @@ def fake_quant(
     >>> jc.quant.fake_quant(jnp.array([0.5, jnp.nan, -2.18, 3.61]), jc.quant.Format(bits=4),
     ...                     jc.quant.PerTensor()).tolist()
     [0.515..., nan, -2.062..., 3.61...]
+    >>> jc.quant.fake_quant(jnp.array([[0.7], [-3.0]] * 16), jc.quant.Format(dtype="mxfp4"))[:2, 0].tolist()
+    [0.75, -3.0]
   """
   fmt = Format() if fmt is None else fmt
-  granularity = PerChannel() if granularity is None else granularity
+  granularity = default_granularity(fmt) if granularity is None else granularity
   check(fmt, granularity, tuple(x.shape))
   y, scale, zp = _to_grid_values(x, fmt, granularity, scale, zero_point, rounding, key, "<array>")
   # The round trip through the storage dtype keeps the result bit-identical
   # to dequantize(quantize(x)) for finite x.
-  q = QArray(y.astype(fmt.storage_dtype), scale,
-             None if zp is None else jnp.asarray(zp).astype(fmt.storage_dtype),
-             fmt, granularity, np.dtype(x.dtype))
-  return jnp.where(jnp.isfinite(x), dequantize(q), x)
+  zp = None if zp is None else jnp.asarray(zp).astype(fmt.storage_dtype)
+  out = _dequantize_values(y.astype(fmt.storage_dtype), scale, zp, fmt, granularity, x.dtype)
+  return jnp.where(jnp.isfinite(x), out, x)
 
 
 def num_bits(fmt: Format) -> int:
-  """Bits per stored value (8 for float8).
+  """Bits per stored value (8 for float8, 4 for ``float4_e2m1fn`` elements; scales not counted).
 
   Args:
     fmt: the format.
 
   Returns:
-    ``fmt.bits`` for integers, 8 for float8.
+    ``fmt.bits`` for integers, the element width for the float formats.
 
   Example:
     >>> import jaxcompress as jc
     >>> from jaxcompress.quant.numerics import num_bits
     >>> num_bits(jc.quant.Format(bits=3)), num_bits(jc.quant.Format(dtype="float8_e5m2"))
     (3, 8)
+    >>> num_bits(jc.quant.Format(dtype="nvfp4"))
+    4
   """
-  return 8 if fmt.is_float else int(fmt.bits)
+  if fmt.is_float:
+    return int(ml_dtypes.finfo(fmt.storage_dtype).bits)
+  return int(fmt.bits)
 
 
 __all__ = [
@@ -944,9 +1182,12 @@ __all__ = [
     "PerTensor",
     "QArray",
     "check",
+    "block_scales",
+    "check_block_granularity",
     "check_finite",
     "check_format_fields",
     "compute_scale",
+    "default_granularity",
     "dequantize",
     "expand_scale",
     "fake_quant",

@@ -11,6 +11,14 @@
   quantized one after the other; the error of row ``i``, divided by
   ``U[i, i]``, is pushed onto the rows not yet quantized through ``U[i, i+1:]``
   (lazy batches of ``block_size`` rows). ``gptq_params`` runs it over a tree.
+
+Both take the block-scaled formats (``dtype="mxfp8_e4m3"``, ``"mxfp8_e5m2"``,
+``"mxfp4"``, ``"nvfp4"``; ``jaxcompress.quant.blockscaled``), whose scales come
+from each block's largest magnitude by the format's rule rather than from a
+calibrator. In GPTQ a block of the format is one lazy batch (32 or 16 input
+rows): its scale is taken from the rows as GPTQ has updated them, then the rows
+are quantized one by one with the error fed forward; NVFP4's tensor scale is
+fixed from the whole kernel first.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.core.paths import parent, path_str
+from jaxcompress.quant import blockscaled
 from jaxcompress.quant import calibration as _cal
 from jaxcompress.quant import numerics
 from jaxcompress.quant.numerics import Format, Granularity, PerChannel, PerGroup, PerTensor, QArray
@@ -40,6 +49,21 @@ def _fmt(where: str, bits: int, dtype: str, symmetric: bool, narrow_range: bool)
   numerics.check_format_fields(where, dtype=dtype, bits=bits, symmetric=symmetric,
                                narrow_range=narrow_range)
   return Format(dtype=dtype, bits=bits, symmetric=symmetric, narrow_range=narrow_range)
+
+
+def _settings(where: str, fmt: Format, granularity: Granularity | None,
+              calibration: _cal.Calibrator | None) -> tuple[Granularity, _cal.Calibrator | None]:
+  """The granularity and calibrator a format gets (block-scaled formats take no calibrator)."""
+  granularity = numerics.default_granularity(fmt) if granularity is None else granularity
+  numerics.check_block_granularity(fmt, granularity, where)
+  if fmt.is_block_scaled:
+    if calibration is not None:
+      raise ValueError(
+          f"{where}: dtype={fmt.dtype!r} takes each block's scale from the block's largest "
+          f"magnitude (the format's rule), got calibration={calibration!r}; drop calibration=."
+      )
+    return granularity, None
+  return granularity, _cal.default_calibrator(fmt) if calibration is None else calibration
 
 
 def quantize_params(
@@ -59,10 +83,12 @@ def quantize_params(
     params: any pytree of arrays (linen params, an NNX ``State``, a dict).
     pattern: a regular expression fully matched against leaf paths
       (``Dense_0/kernel``); the leaves it selects are quantized.
-    bits, dtype, symmetric, narrow_range: the format (see ``numerics.Format``).
-    granularity: default ``PerChannel()``.
+    bits, dtype, symmetric, narrow_range: the format (see ``numerics.Format``);
+      ``dtype="mxfp4"`` etc. for a block-scaled format.
+    granularity: default ``PerChannel()`` (``PerGroup(size=block_size)`` for a
+      block-scaled format).
     calibration: default ``AbsMax()`` (``MinMax()`` when asymmetric); ``MSE()``
-      searches clipping ratios.
+      searches clipping ratios. None for block-scaled formats.
 
   Returns:
     The tree with a ``QArray`` at every selected leaf (other leaves unchanged).
@@ -79,10 +105,12 @@ def quantize_params(
     >>> w = jc.quant.dequantize_params(q)["Dense_0"]["kernel"]
     >>> [[round(v, 2) for v in row] for row in w.tolist()]
     [[1.0, -2.02], [0.5, 4.0]]
+    >>> q = jc.quant.quantize_params({"kernel": jnp.ones((32, 4))}, dtype="mxfp4")
+    >>> q["kernel"].values.dtype, q["kernel"].scale.dtype, q["kernel"].scale.shape
+    (dtype(float4_e2m1fn), dtype(float8_e8m0fnu), (1, 4))
   """
   fmt = _fmt("quantize_params", bits, dtype, symmetric, narrow_range)
-  granularity = PerChannel() if granularity is None else granularity
-  calibration = _cal.default_calibrator(fmt) if calibration is None else calibration
+  granularity, calibration = _settings("quantize_params", fmt, granularity, calibration)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [path_str(p) for p, _ in flat]
   selected = [re.fullmatch(pattern, p) is not None for p in paths]
@@ -99,6 +127,9 @@ def quantize_params(
       continue
     _check_float(leaf, path, "quantize_params")
     numerics.check(fmt, granularity, tuple(leaf.shape), path)
+    if calibration is None:  # block-scaled: the format's own scales
+      out.append(numerics.quantize(leaf, fmt, granularity, path=path))
+      continue
     scale, zp = calibration.scale(leaf, fmt, granularity)
     out.append(numerics.quantize(leaf, fmt, granularity, scale=scale, zero_point=zp, path=path))
   return treedef.unflatten(out)
@@ -197,7 +228,7 @@ def hessian(x: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _gptq(w, h, fmt, granularity, calibration, damp, block, act_order):
+def _gptq(w, h, fmt, granularity, calibration, damp, block, act_order, tensor_scale):
   n_in, n_out = w.shape
   w = w.astype(jnp.float32)
   dead = jnp.diag(h) == 0
@@ -214,7 +245,11 @@ def _gptq(w, h, fmt, granularity, calibration, damp, block, act_order):
   grouped = isinstance(granularity, PerGroup)
   row_gran = PerChannel(axis=-1) if grouped else granularity
   n_blocks = n_in // block
-  if not grouped:
+  if fmt.is_block_scaled:
+    # The stored block scales, kept as float32 (exact) and cast back at the end.
+    scale = jnp.ones((n_blocks, n_out), jnp.float32)
+    zp = None
+  elif not grouped:
     scale, zp = calibration.scale(w, fmt, granularity)
   else:
     scale = jnp.zeros((n_blocks, n_out), jnp.float32)
@@ -227,7 +262,11 @@ def _gptq(w, h, fmt, granularity, calibration, damp, block, act_order):
     start = b * block
     w1 = jax.lax.dynamic_slice(w, (start, 0), (block, n_out))
     u1 = jax.lax.dynamic_slice(u, (start, start), (block, block))
-    if grouped:
+    if fmt.is_block_scaled:
+      stored, _ = numerics.block_scales(w1, fmt, PerGroup(size=block, axis=0), tensor_scale=tensor_scale)
+      scale = jax.lax.dynamic_update_slice(scale, stored.astype(jnp.float32), (b, 0))
+      s1, z1 = blockscaled.decode_scale(stored, tensor_scale), None
+    elif grouped:
       s1, z1 = calibration.scale(w1, fmt, row_gran)
       scale = jax.lax.dynamic_update_slice(scale, s1, (b, 0))
       if z1 is not None:
@@ -240,9 +279,13 @@ def _gptq(w, h, fmt, granularity, calibration, damp, block, act_order):
     def row_step(i, c):
       w1, q1, e1 = c
       wi = w1[i]
+      if fmt.is_block_scaled:  # as numerics.quantize and dequantize compute it
+        wi = blockscaled.flush_subnormals(wi)
       y = wi / s1 if z1 is None else wi / s1 + z1
       qi = numerics.to_grid(y, fmt)
       deq = (qi if z1 is None else qi - z1) * s1
+      if fmt.is_block_scaled:
+        deq = blockscaled.flush_subnormals(deq)
       err = (wi - deq) / u1[i, i]
       coef = jnp.where(rows > i, u1[i], 0.0)
       w1 = w1 - coef[:, None] * err[None, :]
@@ -283,12 +326,15 @@ def gptq(
   Args:
     w: the kernel ``(in, out)`` (any float dtype; the ``QArray`` remembers it).
     x: calibration inputs of the layer, ``(..., in)``.
-    bits, dtype, symmetric, narrow_range: the format (see ``numerics.Format``).
+    bits, dtype, symmetric, narrow_range: the format (see ``numerics.Format``);
+      ``dtype="mxfp4"``, ``"nvfp4"``, ``"mxfp8_e4m3"`` or ``"mxfp8_e5m2"`` for a
+      block-scaled format (its blocks of 32 or 16 input rows are the lazy batches).
     granularity: ``PerChannel()`` (default, one scale per output), ``PerTensor()``
       or ``PerGroup(size=g, axis=0)`` (``g`` input rows per scale; each group's
-      scale is taken from the rows as GPTQ has updated them).
+      scale is taken from the rows as GPTQ has updated them). Block-scaled
+      formats: ``PerGroup(size=block_size, axis=0)`` (their default).
     calibration: how scales are chosen from the weights (default ``AbsMax()``,
-      ``MinMax()`` when asymmetric).
+      ``MinMax()`` when asymmetric); none for block-scaled formats.
     damp: dampening, a fraction of the mean diagonal of ``H`` added to it.
     block_size: rows per lazy batch (the group size when grouped; otherwise the
       largest divisor of ``in`` not above it).
@@ -310,10 +356,12 @@ def gptq(
     >>> q = jc.quant.gptq(w, x, bits=4)
     >>> q.values.dtype, q.scale.shape
     (dtype(int4), (1, 8))
+    >>> q = jc.quant.gptq(w, x, dtype="nvfp4")
+    >>> q.values.dtype, q.scale.dtype, q.scale.shape, q.tensor_scale.dtype
+    (dtype(float4_e2m1fn), dtype(float8_e4m3fn), (2, 8), dtype('float32'))
   """
   fmt = _fmt("gptq", bits, dtype, symmetric, narrow_range)
-  granularity = PerChannel() if granularity is None else granularity
-  calibration = _cal.default_calibrator(fmt) if calibration is None else calibration
+  granularity, calibration = _settings("gptq", fmt, granularity, calibration)
   _check_gptq(w, x, fmt, granularity, path)
   if not 0.0 <= damp:
     raise ValueError(f"{path}: damp={damp!r} must be >= 0 (a fraction of mean(diag(H)), e.g. 0.01).")
@@ -328,11 +376,16 @@ def gptq(
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
       raise ValueError(f"{path}: block_size={block_size!r} must be a positive int, e.g. 128.")
     block = _largest_divisor(w.shape[0], block_size)
+  tensor_scale = None
+  if fmt.is_block_scaled and fmt.block.tensor_scale:  # NVFP4: from the whole kernel, first
+    _, tensor_scale = numerics.block_scales(w, fmt, granularity)
   q, scale, zp = _gptq(
-      w, hessian(x), fmt, granularity, calibration, float(damp), block, bool(act_order)
+      w, hessian(x), fmt, granularity, calibration, float(damp), block, bool(act_order), tensor_scale
   )
   zp = None if zp is None else zp.astype(fmt.storage_dtype)
-  return QArray(q.astype(fmt.storage_dtype), scale, zp, fmt, granularity, np.dtype(w.dtype))
+  scale = scale.astype(fmt.scale_dtype)
+  return QArray(q.astype(fmt.storage_dtype), scale, zp, fmt, granularity, np.dtype(w.dtype),
+                tensor_scale)
 
 
 def gptq_params(

@@ -35,6 +35,7 @@ ones use an integer zero point). Mixed precision is one rule per precision::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -116,17 +117,28 @@ class _Quantizer(Stage):
   dtype: str = "int"
   symmetric: bool = True
   narrow_range: bool = False
-  granularity: Granularity = dataclasses.field(default_factory=PerChannel)
+  granularity: Granularity | None = None
 
   def __post_init__(self):
     where = type(self).__name__
     numerics.check_format_fields(where, dtype=self.dtype, bits=self.bits, symmetric=self.symmetric,
                                  narrow_range=self.narrow_range)
+    if self.granularity is None:  # the format's default: frozen, so set once here
+      object.__setattr__(self, "granularity", numerics.default_granularity(self.fmt))
     if not isinstance(self.granularity, Granularity) or type(self.granularity) is Granularity:
       raise ValueError(
           f"{where}: unknown granularity {self.granularity!r}; use jc.quant.PerTensor(), "
           "PerChannel(axis=...) or PerGroup(size=..., axis=...)."
       )
+    numerics.check_block_granularity(self.fmt, self.granularity, where)
+
+  def describe(self) -> str:
+    """One line for ``spec.describe``; the granularity only when it is not the format's default."""
+    if self.granularity != numerics.default_granularity(self.fmt):
+      return super().describe()
+    shown = copy.copy(self)
+    object.__setattr__(shown, "granularity", None)  # shown as the field's default
+    return Stage.describe(shown)
 
   @property
   def fmt(self) -> Format:
@@ -148,18 +160,25 @@ class FakeQuant(_Quantizer):
   """Fake-quantizes a weight: ``apply`` gives ``dequantize(quantize(w))``.
 
   Args:
-    bits: integer width, 2 to 8 (ignored for float8).
-    dtype: ``"int"``, ``"float8_e4m3fn"`` or ``"float8_e5m2"``.
-    symmetric: no zero point (float8 is always symmetric).
+    bits: integer width, 2 to 8 (ignored for the float formats).
+    dtype: ``"int"``, ``"float8_e4m3fn"``, ``"float8_e5m2"``, or a block-scaled
+      format: ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxfp4"`` (OCP MX, 32-element
+      blocks with power-of-two scales) or ``"nvfp4"`` (16-element blocks,
+      float8 scales and a float32 tensor scale); see
+      ``jaxcompress.quant.blockscaled``.
+    symmetric: no zero point (the float formats are always symmetric).
     narrow_range: drop the most negative integer.
     granularity: ``PerTensor()``, ``PerChannel(axis=-1)`` (default) or
-      ``PerGroup(size=..., axis=-2)``.
+      ``PerGroup(size=..., axis=-2)``; block-scaled formats take
+      ``PerGroup(size=block_size, axis=...)`` only (default: axis ``-2``, the
+      input axis of a ``(in, out)`` kernel).
     calibration: how ranges are chosen: ``AbsMax()``, ``MinMax()``,
       ``Percentile(q)``, ``MSE()``; default ``AbsMax()`` for symmetric formats,
-      ``MinMax()`` for asymmetric ones.
+      ``MinMax()`` for asymmetric ones. Block-scaled formats take none: the
+      format's rule sets each block's scale from the block's largest magnitude.
     ranges: ``"dynamic"``: calibrate the current weight on every ``apply``
       (no state); ``"static"``: calibrate at ``init`` and keep the scale in the
-      state.
+      state. Block-scaled formats are dynamic only.
     update_every: static ranges only; 0 (the default): calibrate once, at
       ``init``, and keep that scale; ``n > 0``: re-calibrate on every ``n``-th
       ``spec.update`` step (a calibration per re-calibration: ``MSE()`` on a
@@ -195,6 +214,14 @@ class FakeQuant(_Quantizer):
     ...   t, s = spec.update(t, s, step)
     >>> round(float(jnp.mean(jnp.stack(draws))), 1)
     0.3
+
+    MXFP4: blocks of 32 input rows share a power-of-two scale (here 2**-1, for a
+    block maximum of 3.0: floor(log2(3)) - 2); elements are e2m1 values:
+
+    >>> spec = jc.Spec([jc.Rule("w", [jc.quant.FakeQuant(dtype="mxfp4")])])
+    >>> t, s = spec.init({"w": jnp.array([[0.7], [-3.0]] * 16)})
+    >>> spec.apply(t, s)["w"][:2, 0].tolist()
+    [0.75, -3.0]
   """
 
   name: ClassVar[str] = "quant"
@@ -219,6 +246,12 @@ class FakeQuant(_Quantizer):
       )
     if self.ranges not in _RANGES:
       raise ValueError(f"FakeQuant: ranges={self.ranges!r}; use 'dynamic' or 'static'.")
+    if self.fmt.is_block_scaled and (self.calibration is not None or self.ranges != "dynamic"):
+      raise ValueError(
+          f"FakeQuant: dtype={self.dtype!r} takes each block's scale from the block's largest "
+          f"magnitude (the format's rule), got calibration={self.calibration!r}, "
+          f"ranges={self.ranges!r}; drop calibration= and use ranges='dynamic'."
+      )
     if self.estimator not in ste._ESTIMATORS:
       raise ValueError(f"FakeQuant: estimator={self.estimator!r}; use 'identity' or 'clipped'.")
     check_int("FakeQuant", "update_every", self.update_every, low=0)
@@ -271,9 +304,14 @@ class FakeQuant(_Quantizer):
     ema = _cal.ema_update(_cal.ema_init(lo.shape), lo, hi, self.decay)
     return None, QuantState(scale, zp, ema, noise, meta)
 
-  def _grid(self, value: Array, state: QuantState | None) -> tuple[Array, Array | None, Array | None]:
-    """The scale, zero point and rounding key that ``apply`` and ``quantize`` share."""
-    if state is None or state.scale is None:
+  def _grid(self, value: Array, state: QuantState | None) -> tuple[Array | None, Array | None, Array | None]:
+    """The scale, zero point and rounding key that ``apply`` and ``quantize`` share.
+
+    Block-scaled formats: no scale (``numerics`` takes it from the blocks).
+    """
+    if self.fmt.is_block_scaled:
+      scale, zp = None, None
+    elif state is None or state.scale is None:
       scale, zp = numerics.scale_from_range(*self._calibrate(value), self.fmt)
     else:
       scale, zp = state.scale, state.zero_point
@@ -312,8 +350,8 @@ class FakeQuant(_Quantizer):
     self._check_state(value, state)
     scale, zp, key = self._grid(value, state)
     return numerics.quantize(
-        value, self.fmt, self.granularity, scale=jnp.asarray(scale, jnp.float32), zero_point=zp,
-        rounding=self.rounding, key=key, path=path,
+        value, self.fmt, self.granularity, scale=None if scale is None else jnp.asarray(scale, jnp.float32),
+        zero_point=zp, rounding=self.rounding, key=key, path=path,
     )
 
   def update(self, value, params, state, ctx: UpdateContext):

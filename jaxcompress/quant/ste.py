@@ -152,9 +152,11 @@ def fake_quant_ste(
   Args:
     x: the tensor; the output has its dtype.
     fmt: the format (default int8 symmetric).
-    granularity: default ``PerChannel()``.
+    granularity: default ``PerChannel()`` (``PerGroup(size=block_size)`` for a
+      block-scaled format).
     scale: a fixed scale; by default the dynamic one of ``x``
-      (``numerics.compute_scale``, held constant in the backward pass).
+      (``numerics.compute_scale``, held constant in the backward pass; for a
+      block-scaled format, the float32 decode scale of each block).
     zero_point: with an asymmetric ``scale``.
     estimator: ``"identity"``: the gradient passes unchanged; ``"clipped"``: it
       is zeroed where the forward pass clips, i.e. where ``x / scale +
@@ -174,7 +176,7 @@ def fake_quant_ste(
     [1.0, 1.0, 0.0]
   """
   fmt = Format() if fmt is None else fmt
-  granularity = numerics.PerChannel() if granularity is None else granularity
+  granularity = numerics.default_granularity(fmt) if granularity is None else granularity
   if estimator not in _ESTIMATORS:
     raise ValueError(f"unknown estimator {estimator!r}; use 'identity' or 'clipped'.")
   numerics.check(fmt, granularity, tuple(x.shape))
