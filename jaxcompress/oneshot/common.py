@@ -19,6 +19,7 @@ each run keeps its ``n`` highest scores (ties to the lower input index).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -186,6 +187,7 @@ def keep_count(sparsity: float, size: int) -> int:
   return int(round((1.0 - sparsity) * size))
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
 def topk_mask(scores: Array, k: int) -> Array:
   """Keeps the ``k`` largest entries along the last axis (ties to the lower index).
 
@@ -215,6 +217,7 @@ def topk_mask(scores: Array, k: int) -> Array:
   return jnp.zeros(flat.shape, jnp.bool_).at[rows, idx].set(True).reshape(scores.shape)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def nm_mask(scores: Array, n: int, m: int) -> Array:
   """Keeps the ``n`` highest of every ``m`` consecutive rows, in each column.
 

@@ -95,6 +95,7 @@ def magnitude(
   return _magnitude(w, keep, n_m)
 
 
+@jax.jit
 def input_norms(x: Array) -> Array:
   """The L2 norm of each input feature over all samples: ``||X_i||_2``, float32.
 

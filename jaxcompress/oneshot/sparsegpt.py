@@ -229,9 +229,9 @@ def sparsegpt(
     >>> import jax, jaxcompress as jc
     >>> w = jax.random.normal(jax.random.key(0), (16, 4))
     >>> x = jax.random.normal(jax.random.key(1), (64, 16))
-    >>> p = jc.oneshot.sparsegpt(w, x, n_m=(2, 4), block_size=8)
-    >>> p.mask.reshape(4, 4, 4).sum(axis=1).tolist() == [[2] * 4] * 4
-    True
+    >>> p = jc.oneshot.sparsegpt(w, x, sparsity=0.5, bits=4, block_size=8)
+    >>> int(p.mask.sum()), bool((p.kernel[~p.mask] == 0).all())
+    (32, True)
   """
   check_layer("sparsegpt", w, x, path)
   sparsity, n_m = check_pattern("sparsegpt", sparsity, n_m, w.shape[0], path)
