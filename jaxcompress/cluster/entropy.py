@@ -10,6 +10,8 @@ import heapq
 
 import numpy as np
 
+from jaxcompress.core.checks import is_int
+
 
 def huffman_code_lengths(counts: np.ndarray | list[int]) -> np.ndarray:
   """Code lengths of an optimal (Huffman) prefix code for symbol frequencies.
@@ -94,7 +96,7 @@ def relative_index(nonzero: np.ndarray, index_bits: int) -> tuple[np.ndarray, np
     >>> runs.tolist(), filler.tolist()
     ([0, 7, 1], [False, True, False])
   """
-  if isinstance(index_bits, bool) or not isinstance(index_bits, (int, np.integer)) or index_bits < 1:
+  if not is_int(index_bits) or index_bits < 1:
     raise ValueError(
         f"relative_index: index_bits must be an int >= 1, got {index_bits!r} (Deep "
         "Compression uses 5 for Dense and 8 for Conv layers)."

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from jaxcompress.cluster.entropy import huffman_code_lengths, relative_index
+from jaxcompress.core.checks import is_int
 from jaxcompress.core.paths import path_str
 
 MAX_CODEBOOK = 256
@@ -264,13 +265,13 @@ def compressed_size(params: Any, *, index_bits: int | None = None, float_bits: i
     total   4160 entries     98.5%                             0.19    16640       100  166.4x
   """
   if index_bits is not None and (
-      isinstance(index_bits, bool) or not isinstance(index_bits, int) or not 1 <= index_bits <= 16
+      not is_int(index_bits) or not 1 <= index_bits <= 16
   ):
     raise ValueError(
         f"compressed_size: index_bits must be an int in 1..16 or None (best per leaf), "
         f"got {index_bits!r}."
     )
-  if isinstance(float_bits, bool) or not isinstance(float_bits, int) or float_bits < 1:
+  if not is_int(float_bits) or float_bits < 1:
     raise ValueError(f"compressed_size: float_bits must be a positive int, got {float_bits!r}.")
   leaves = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:

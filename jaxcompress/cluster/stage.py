@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxcompress.cluster import kmeans1d as _km
 from jaxcompress.core import sharding as _sharding
-from jaxcompress.core.checks import check_int, error_if
+from jaxcompress.core.checks import check_int, error_if, is_int
 from jaxcompress.core.stage import Stage, UpdateContext
 
 Array = jax.Array
@@ -120,7 +120,7 @@ class Cluster(Stage):
           "Use 'optimal' (the default) unless you reproduce a paper's initialisation."
       )
     if self.channel_axis is not None and (
-        isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int)
+        not is_int(self.channel_axis)
     ):
       raise TypeError(
           f"Cluster: channel_axis must be None (one codebook per layer) or an int axis, "

@@ -32,6 +32,11 @@ def is_number(x: Any) -> bool:
   )
 
 
+def is_int(x: Any) -> bool:
+  """True for Python and numpy integers (``3``, ``np.int64(3)``), not bool."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_int(where: str, name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
   """Returns ``value`` as an int, or raises naming ``where``, the value and the range.
 
@@ -45,8 +50,7 @@ def check_int(where: str, name: str, value: Any, *, low: int | None = None, high
     ValueError: FakeQuant: bits must be an integer in [2, 8], got 9.
   """
   rng = f" in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-  ok_type = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-  if not ok_type:
+  if not is_int(value):
     raise TypeError(f"{where}: {name} must be an integer{rng}, got {value!r} of type {type(value).__name__}.")
   v = int(value)
   if (low is not None and v < low) or (high is not None and v > high):

@@ -25,23 +25,17 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from jaxcompress.core.checks import is_int, is_number
+
 RankValue = Any  # an int, or (r_in, r_out) for Tucker-2
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def _check_rank_value(r: Any, where: str) -> RankValue:
-  if _is_int(r):
+  if is_int(r):
     if r < 1:
       raise ValueError(f"{where}: rank must be a positive int, got {r!r}.")
     return int(r)
-  if isinstance(r, (tuple, list)) and len(r) == 2 and all(_is_int(x) for x in r):
+  if isinstance(r, (tuple, list)) and len(r) == 2 and all(is_int(x) for x in r):
     if min(r) < 1:
       raise ValueError(f"{where}: ranks must be positive ints, got {tuple(r)!r}.")
     return (int(r[0]), int(r[1]))
@@ -169,7 +163,7 @@ class Fraction(RankRule):
 
   def __post_init__(self):
     f = self.fraction
-    if not _is_number(f) or not 0.0 < f <= 1.0:
+    if not is_number(f) or not 0.0 < f <= 1.0:
       raise ValueError(
           f"Fraction: fraction must be a number in (0, 1], got {f!r}; 0.25 keeps a quarter "
           "of each leaf's full rank."
@@ -204,7 +198,7 @@ class Energy(RankRule):
 
   def __post_init__(self):
     t = self.threshold
-    if not _is_number(t) or not 0.0 < t <= 1.0:
+    if not is_number(t) or not 0.0 < t <= 1.0:
       raise ValueError(
           f"Energy: threshold must be a number in (0, 1], got {t!r}; 0.9 keeps the smallest "
           "rank that retains 90% of each leaf's squared Frobenius norm."
@@ -250,7 +244,7 @@ class Budget(RankRule):
   params: int
 
   def __post_init__(self):
-    if not _is_int(self.params) or self.params < 1:
+    if not is_int(self.params) or self.params < 1:
       raise ValueError(
           f"Budget: params must be a positive int (the factor parameters shared by the "
           f"rule's leaves), got {self.params!r}."

@@ -26,7 +26,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.checks import is_number
+from jaxcompress.core.checks import is_int, is_number
 from jaxcompress.core.select import topk_masks
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.prune import criteria as _criteria
@@ -100,7 +100,7 @@ class DynamicSparse(Stage):
     for k, low, what in [("begin_step", 0, "non-negative"), ("end_step", 0, "non-negative"),
                          ("update_every", 1, "positive")]:
       v = getattr(self, k)
-      if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      if not is_int(v) or v < low:
         raise ValueError(f"{kind}: {k} must be a {what} int, got {v!r}.")
     if self.end_step <= self.begin_step:
       raise ValueError(

@@ -19,7 +19,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.checks import check_int
+from jaxcompress.core.checks import check_int, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +186,7 @@ def _as_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     out = tuple(shape)
   except TypeError:
     raise ValueError(f"{name}: shape must be a tuple of positive ints, got {shape!r}.") from None
-  if not out or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in out):
+  if not out or any(not is_int(b) or b < 1 for b in out):
     raise ValueError(f"{name}: shape must be a tuple of positive ints, got {shape!r}.")
   return out
 

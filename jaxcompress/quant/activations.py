@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcompress.core.checks import is_int
 from jaxcompress.core.paths import path_str
 from jaxcompress.core.spec import check_pattern, matches
 from jaxcompress.quant import calibration, numerics
@@ -94,7 +95,7 @@ class InputRule:
 
   def __post_init__(self):
     check_pattern(self.pattern, what="InputRule", arg="module")
-    if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+    if not is_int(self.bits) or not 2 <= self.bits <= 8:
       raise ValueError(f"InputRule {self.pattern!r}: bits must be an int from 2 to 8, got {self.bits!r}.")
     if self.ranges not in _RANGES:
       raise ValueError(f"InputRule {self.pattern!r}: ranges must be one of {_RANGES}, got {self.ranges!r}.")

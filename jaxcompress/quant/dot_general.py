@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxcompress.core.checks import is_int
 from jaxcompress.quant import numerics
 
 Array = jax.Array
@@ -79,7 +80,7 @@ class QuantizedDotGeneral:
       raise ValueError(
           f"dtype must be 'int8', 'float8_e4m3fn' or 'float8_e5m2', got {self.dtype!r}."
       )
-    if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+    if not is_int(self.bits) or not 2 <= self.bits <= 8:
       raise ValueError(
           f"bits must be an int from 2 to 8 (values are held in int8), got {self.bits!r}."
       )
