@@ -20,18 +20,24 @@ CASES = [
     (dict(n_m=(2, 4), bits=4, granularity=jc.quant.PerGroup(size=16, axis=0), symmetric=False),
      dict(n_m=(2, 4), bits=4, group=16, symmetric=False)),
     (dict(sparsity=0.7, bits=3, granularity=jc.quant.PerTensor()), dict(sparsity=0.7, bits=3, per_tensor=True)),
+    # block_size=4 is below the group: the blocks grow to 16 rows so that each group fits one.
+    (dict(n_m=(1, 4), bits=3, granularity=jc.quant.PerGroup(size=16, axis=0), block_size=4),
+     dict(n_m=(1, 4), bits=3, group=16)),
 ]
-IDS = ["s50", "2:4", "s50_int4", "2:4_int4_group16_asym", "s70_int3_tensor"]
+IDS = ["s50", "2:4", "s50_int4", "2:4_int4_group16_asym", "s70_int3_tensor", "1:4_int3_group16_block4"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kw,ref_kw", CASES, ids=IDS)
 def test_sparsegpt_matches_reference(kw, ref_kw):
-  p = oneshot.sparsegpt(jnp.asarray(W), jnp.asarray(X), block_size=16, **kw)
+  p = oneshot.sparsegpt(jnp.asarray(W), jnp.asarray(X), **{"block_size": 16, **kw})
   q_ref, m_ref = ref.sparsegpt(W, X, block=16, **ref_kw)
   e, e_ref = ref.out_err(X, W, p.kernel), ref.out_err(X, W, q_ref)
   assert abs(e / e_ref - 1) < 0.01, (e, e_ref)
-  assert np.mean(np.asarray(p.mask) == m_ref) > 0.99
+  agree = np.mean(np.asarray(p.mask) == m_ref)
+  # Pruning alone: the same mask (continuous data, no ties). Joint quantization: a rounding
+  # decided differently in float32 may move a later choice.
+  assert agree == 1.0 if "bits" not in kw else agree > 0.99, agree
   mask = np.asarray(p.mask)
   assert np.all(np.asarray(p.kernel)[~mask] == 0)
   if "n_m" in kw:
