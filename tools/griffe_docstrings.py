@@ -1,4 +1,4 @@
-"""Griffe extension for the docs build: reads jaxcompress docstrings as written.
+"""Griffe extension for the docs build: reads jaxcompress docstrings and exports as written.
 
 The docstrings follow Google style with two habits that Griffe's Google parser
 does not know:
@@ -12,11 +12,19 @@ does not know:
 This extension rewrites each docstring before Griffe parses it: ``Example:``
 becomes ``Examples:``, and a shared entry becomes one entry per name with the
 same description, so every name is still checked against the signature.
+
+It also reads an ``__all__`` built from lists of the module itself
+(``__all__ = _NUMERICS_ALL + _ACTIVATIONS_ALL`` in ``jaxcompress.quant``):
+Griffe expands only other modules' ``__all__`` there, and would otherwise
+document no member of such a package. An ``__all__`` item it cannot read is a
+warning, which fails ``mkdocs build --strict``.
+
 mkdocs.yml loads it for mkdocstrings (``extensions:``).
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Any
 
@@ -86,10 +94,53 @@ def rewrite(text: str) -> str:
   return "\n".join(out)
 
 
+def _local_list(module: griffe.Module, export: Any) -> list[str] | None:
+  """The strings of a list of ``module`` named by ``export``, or None if it is not one."""
+  target = module.members.get(getattr(export, "name", None))
+  if target is None or target.is_alias or not isinstance(target, griffe.Attribute):
+    return None
+  elements = getattr(target.value, "elements", None)
+  if elements is None:
+    return None
+  try:
+    names = [ast.literal_eval(str(e)) for e in elements]
+  except (ValueError, SyntaxError):
+    return None
+  return names if all(isinstance(n, str) for n in names) else None
+
+
+def _expand_local_exports(module: griffe.Module) -> None:
+  if module.exports:
+    exports: list[Any] = []
+    for export in module.exports:
+      if isinstance(export, str):
+        exports.append(export)
+        continue
+      names = _local_list(module, export)
+      if names is None:
+        if getattr(export, "name", None) in module.members:
+          griffe.logger.warning(
+              "%s.__all__: cannot read the item %s; write the names as string literals",
+              module.path,
+              export,
+          )
+        exports.append(export)  # another module's __all__: Griffe expands it
+      else:
+        exports.extend(n for n in names if n not in exports)
+    module.exports = exports
+  for sub in module.modules.values():
+    if not sub.is_alias:
+      _expand_local_exports(sub)
+
+
 class JaxcompressDocstrings(griffe.Extension):
-  """Rewrites each object's docstring (see the module docstring) before it is parsed."""
+  """Rewrites docstrings and local ``__all__`` lists (see the module docstring)."""
 
   def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
     del kwargs
     if obj.docstring is not None:
       obj.docstring.value = rewrite(obj.docstring.value)
+
+  def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
+    del kwargs
+    _expand_local_exports(pkg)

@@ -360,10 +360,8 @@ class InputRange(nnx.Variable):
   """An NNX variable holding a calibrated static input range or its count.
 
   Not an ``nnx.Param``: optimizers built over ``nnx.Param`` leave it alone, and
-  ``nnx.state(model, InputRange)`` selects every range of a model.
-
-  Args:
-    value: the array.
+  ``nnx.state(model, InputRange)`` selects every range of a model. Built as
+  any ``nnx.Variable``, from the array it holds: ``InputRange(value)``.
 
   Example:
     >>> import jax.numpy as jnp, jaxcompress as jc
