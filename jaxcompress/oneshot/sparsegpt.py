@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxcompress.quant as jq
-from jaxcompress.core.checks import check_int, check_number
+from jaxcompress.core.checks import check_int, check_number, error_if
 from jaxcompress.oneshot.common import Pruned, check_layer, check_pattern, keep_count, nm_mask, topk_mask
 from jaxcompress.quant import numerics
 from jaxcompress.quant.ptq import hessian
@@ -222,8 +222,9 @@ def sparsegpt(
 
   Raises:
     TypeError: ``w`` or ``x`` is not a float array.
-    ValueError: shapes do not fit, NaN/inf in ``w`` or ``x``, or an invalid
-      setting.
+    ValueError: shapes do not fit, NaN/inf in ``w`` or ``x``, an invalid
+      setting, or a Hessian too singular for ``damp`` (a non-finite result;
+      at run time under ``jit``).
 
   Example:
     >>> import jax, jaxcompress as jc
@@ -242,7 +243,14 @@ def sparsegpt(
   unit = math.lcm(n_m[1] if n_m else 1, granularity.size if isinstance(granularity, jq.PerGroup) else 1)
   block = unit * _largest_divisor(n_in // unit, max(block_size, unit) // unit)
   keep_block = None if sparsity is None else keep_count(sparsity, block * n_out)
-  return _sparsegpt(w, x, keep_block, n_m, block, damp, fmt, granularity)
+  out = _sparsegpt(w, x, keep_block, n_m, block, damp, fmt, granularity)
+  error_if(
+      ~jnp.all(jnp.isfinite(out.kernel)),
+      f"{path}: sparsegpt: the dampened Hessian 2 X^T X / n + damp * mean(diag(H)) * I is not "
+      f"positive definite in float32 (damp={damp}), so the result is not finite; raise damp "
+      "(e.g. 0.01) or give more calibration samples than the kernel has inputs.",
+  )
+  return out
 
 
 __all__ = ["sparsegpt"]

@@ -104,3 +104,13 @@ def test_dead_inputs_bf16_and_jit():
   jitted = jax.jit(lambda w, x: oneshot.sparsegpt(w, x, sparsity=0.5, block_size=16))(w, jnp.asarray(x))
   np.testing.assert_array_equal(np.asarray(jitted.mask), np.asarray(p.mask))
   np.testing.assert_array_equal(np.asarray(jitted.kernel, np.float32), np.asarray(p.kernel, np.float32))
+
+
+@pytest.mark.slow
+def test_singular_hessian_without_damping_is_refused():
+  x = X[:4]  # 4 samples for 64 inputs: H has rank 4
+  with pytest.raises(ValueError, match=r"Dense_0/kernel: sparsegpt: the dampened Hessian .* not positive "
+                                       r"definite in float32 \(damp=0.0\).*raise damp"):
+    oneshot.sparsegpt(jnp.asarray(W), jnp.asarray(x), sparsity=0.5, damp=0.0, path="Dense_0/kernel")
+  p = oneshot.sparsegpt(jnp.asarray(W), jnp.asarray(x), sparsity=0.5)  # the default damp copes
+  assert np.isfinite(np.asarray(p.kernel)).all()
