@@ -43,4 +43,12 @@ CASES = [
     ),
     # Low-rank then quantize: each factor is fake-quantized, with its own step.
     Case("quant_lowrank_then_lsq_int8", lambda: [jc.lowrank.svd(rank=4), jq.LSQ(bits=8)]),
+    # Block-scaled formats: 32-element MX blocks need 32 inputs (Dense_1; Dense_0 has 16).
+    Case("quant_fq_mxfp4", lambda: [jq.FakeQuant(dtype="mxfp4")], pattern=r"Dense_1/kernel"),
+    Case("quant_fq_mxfp8_e4m3", lambda: [jq.FakeQuant(dtype="mxfp8_e4m3")], pattern=r"Dense_1/kernel"),
+    Case("quant_fq_nvfp4", lambda: [jq.FakeQuant(dtype="nvfp4")]),
+    Case(
+        "quant_prune_then_fq_nvfp4",
+        lambda: [jc.prune.magnitude(sparsity=0.5), jq.FakeQuant(dtype="nvfp4")],
+    ),
 ]
