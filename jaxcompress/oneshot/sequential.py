@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxcompress.core.paths import path_str
 from jaxcompress.core.spec import check_pattern, matches
@@ -243,6 +243,24 @@ def _check_result(new: Any, old: Array, path: str) -> Array:
   return new.astype(old.dtype)
 
 
+def _auto(sharding: NamedSharding) -> NamedSharding:
+  """The sharding on the same devices with every mesh axis ``Auto``: XLA then decides
+  how products over the sharded rows (``X^T X``) are reduced, as the one-shot
+  algorithms expect, also for a mesh made with ``Explicit`` axes."""
+  mesh = sharding.mesh
+  auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+  return NamedSharding(auto, sharding.spec)
+
+
+def _selects_nothing(pattern: Any, paths: Sequence[str]) -> ValueError:
+  shown = ", ".join(repr(p) for p in paths[:20]) + (" ..." if len(paths) > 20 else "")
+  return ValueError(
+      f"sequential: pattern {pattern!r} selects no Linear/Dense layer of the blocks. Patterns "
+      "are regular expressions fully matched against layer paths (or predicates over (path, "
+      f"module)); the layers are: {shown or '(none)'}."
+  )
+
+
 def _rows_sharding(sharding: NamedSharding | None) -> NamedSharding | None:
   if sharding is None:
     return None
@@ -304,7 +322,8 @@ def sequential(
       module) -> bool``, or a tuple of them, as ``jc.Rule`` selects leaves.
     sharding: optional ``NamedSharding`` of the batch axis (e.g.
       ``NamedSharding(mesh, P("data"))``): block inputs are placed with it and
-      ``x`` is sharded over its rows on the same mesh axis.
+      ``x`` is sharded over its rows on the same mesh axis (on the mesh's
+      devices with its axes ``Auto``, whatever their type).
 
   Returns:
     The compressed parameters, in the structure of ``nnx.state(model,
@@ -344,6 +363,7 @@ def sequential(
         f"sequential: sharding must be a jax.sharding.NamedSharding of the batch axis, e.g. "
         f"NamedSharding(mesh, PartitionSpec('data')); got {sharding!r}."
     )
+  sharding = None if sharding is None else _auto(sharding)
   blocks = _default_blocks if blocks is None else blocks
   embed = _default_embed if embed is None else embed
   seen_paths: list[str] = []
@@ -362,6 +382,10 @@ def sequential(
             f"sequential: block {i} is {type(b).__name__}, not an nnx.Module of the model; "
             "blocks(model) must return the model's own block modules."
         )
+    # Known before any work: a pattern that selects nothing fails at once.
+    layers = [(where[id(n)], n) for b in block_list for _, n in nnx.iter_graph(b) if isinstance(n, nnx.Linear)]
+    if not any(matches(pattern, path, n) for path, n in layers):
+      raise _selects_nothing(pattern, [path for path, _ in layers])
     runners = (_NNXBlock(b, where[id(b)], pattern, seen_paths) for b in block_list)
     first = [embed(model, batch) for batch in batches]
     result = nnx.state(model, nnx.Param)
@@ -397,6 +421,11 @@ def sequential(
       x = jnp.concatenate([s[rel] for s in seen]) if len(seen) > 1 else seen[0][rel]
       x = x if rows is None else jax.device_put(x, rows)
       path = _join(block.prefix, rel) + "/kernel"
+      if x.shape[0] == 0:
+        raise ValueError(
+            f"sequential: {path} is selected, but its block never called its layer, so it has no "
+            "calibration inputs; narrow the pattern to the layers the blocks use."
+        )
       old = block.kernel(rel)
       new = _check_result(compress(path, old, x), old, path)
       block.set_kernel(rel, new)
@@ -405,12 +434,7 @@ def sequential(
     hs = [block.run(h, False)[0] for h in hs]
 
   if not updates:
-    shown = ", ".join(repr(p) for p in seen_paths[:20]) + (" ..." if len(seen_paths) > 20 else "")
-    raise ValueError(
-        f"sequential: pattern {pattern!r} selects no Linear/Dense layer of the blocks. Patterns "
-        "are regular expressions fully matched against layer paths (or predicates over (path, "
-        f"module)); the layers are: {shown or '(none)'}."
-    )
+    raise _selects_nothing(pattern, seen_paths)
   return jax.tree_util.tree_map_with_path(lambda p, leaf: updates.get(path_str(p), leaf), result)
 
 
