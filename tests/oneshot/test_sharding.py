@@ -1,4 +1,4 @@
-"""Calibration inputs sharded over their samples on 8 devices give the unsharded results."""
+"""Sharded calibration inputs give the unsharded results; the functions under jax.jit."""
 
 import jax
 import jax.numpy as jnp
@@ -42,3 +42,20 @@ def test_sharded_inputs_give_the_same_result(name):
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-4, atol=1e-4)
   if name == "awq":
     assert isinstance(sharded.quantized, jc.quant.QArray)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_under_jit_gives_the_same_result(name):
+  eager, jitted = RUNS[name](jnp.asarray(X)), jax.jit(RUNS[name])(jnp.asarray(X))
+  for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_nan_calibration_input_under_jit_is_refused_at_run_time():
+  x = jnp.asarray(X).at[7, 3].set(jnp.nan)
+  with pytest.raises(Exception, match=r"blocks_1/kernel: non-finite calibration inputs would make the wanda "
+                                      r"statistics non-finite"):
+    jax.block_until_ready(jax.jit(lambda x: oneshot.wanda(jnp.asarray(W), x, sparsity=0.5,
+                                                          path="blocks_1/kernel"))(x))
