@@ -4,8 +4,8 @@
 ``Movement``, ``Wanda``), a structure (``Unstructured``, ``NM``, ``Block``,
 ``Channel``) and a distribution (``Uniform``, ``Global``, ``ERK``,
 ``PerOutput``), on a sparsity schedule. ``RigL`` and ``SET`` rewire masks at a
-fixed sparsity (dynamic sparse training). ``shrink_dense_chain`` removes pruned
-channels.
+fixed sparsity (dynamic sparse training). ``shrink_chain`` removes pruned
+channels from Dense and convolution chains, ``shrink_heads`` pruned attention heads.
 
 NaN scores rank lowest (pruned first), ``+inf`` highest (kept); counts of kept
 weights are exact either way.
@@ -19,7 +19,7 @@ from jaxcompress.core.schedules import ScalarOrSchedule
 from jaxcompress.prune.criteria import Criterion, Magnitude, Movement, Random, Saliency, Wanda
 from jaxcompress.prune.distributions import ERK, Distribution, Global, PerOutput, Uniform
 from jaxcompress.prune.dst import SET, DynamicSparse, RigL
-from jaxcompress.prune.shrink import Shrunk, shrink_dense_chain
+from jaxcompress.prune.shrink import Shrunk, shrink_chain, shrink_dense_chain, shrink_heads
 from jaxcompress.prune.stage import Prune, PruneState
 from jaxcompress.prune.structures import NM, Block, Channel, Structure, Unstructured
 
@@ -69,5 +69,7 @@ __all__ = [
     "Unstructured",
     "Wanda",
     "magnitude",
+    "shrink_chain",
     "shrink_dense_chain",
+    "shrink_heads",
 ]

@@ -235,21 +235,21 @@ def test_prefixed_paths_are_listed():
 
 
 def test_shapes_must_chain():
-  with pytest.raises(ValueError, match=r"'Dense_0/kernel' has 8 output features but 'Dense_2/kernel' takes 5"):
+  with pytest.raises(ValueError, match=r"'Dense_0/kernel' has 8 output channels but 'Dense_2/kernel' takes 5"):
     shrink_dense_chain(pruned_params(), ["Dense_0", "Dense_2"], activation=jax.nn.relu)
 
 
-def test_kernel_must_be_2d():
+def test_kernel_must_be_at_least_2d():
   params = pruned_params()
-  params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"][None]
-  with pytest.raises(ValueError, match=r"'Dense_1/kernel' has shape \(1, 8, 5\)"):
+  params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"][0]
+  with pytest.raises(ValueError, match=r"'Dense_1/kernel' has shape \(5,\)"):
     shrink_dense_chain(params, CHAIN, activation=jax.nn.relu)
 
 
 def test_keep_cannot_drop_live_channels():
   keep = np.ones(8, bool)
   keep[[0, 1]] = False  # channel 0 is live, channel 1 is removable
-  with pytest.raises(ValueError, match=r"keep\['Dense_0'\] drops channels \[0\] whose column in 'Dense_0/kernel'"):
+  with pytest.raises(ValueError, match=r"keep\['Dense_0'\] drops channels \[0\] whose slice of 'Dense_0/kernel'"):
     shrink_dense_chain(pruned_params(), CHAIN, activation=jax.nn.relu, keep={"Dense_0": keep})
 
 
