@@ -1,6 +1,6 @@
 """jaxcompress: model compression for JAX."""
 
-from jaxcompress import checkpoint, cluster, distill, export, lowrank, prune, quant, testing
+from jaxcompress import checkpoint, cluster, distill, export, lowrank, oneshot, prune, quant, testing
 from jaxcompress.core import schedules
 from jaxcompress.core.chain import Chain
 from jaxcompress.core.spec import Compressed, LeafState, Rule, Spec
@@ -32,6 +32,7 @@ __all__ = [
     "lowrank",
     "make_train_step",
     "masked_optimizer",
+    "oneshot",
     "prune",
     "quant",
     "schedules",
