@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.checks import check_int, check_number
+from jaxcompress.core.select import topk_rows
 from jaxcompress.quant import numerics
 
 Array = jax.Array
@@ -191,8 +192,8 @@ def keep_count(sparsity: float, size: int) -> int:
 def topk_mask(scores: Array, k: int) -> Array:
   """Keeps the ``k`` largest entries along the last axis (ties to the lower index).
 
-  Built on ``jax.lax.top_k``, which breaks ties by the lower index; scores are
-  ranked as float32 and must hold no NaN.
+  The library's sort-free exact select (``jaxcompress.core.select.topk_rows``;
+  ties to the lower index, NaN ranked lowest); scores are ranked as float32.
 
   Args:
     scores: float scores of any rank (the last axis is ranked).
@@ -211,10 +212,7 @@ def topk_mask(scores: Array, k: int) -> Array:
   n = scores.shape[-1]
   if k <= 0 or k >= n:
     return jnp.full(scores.shape, k > 0, jnp.bool_)
-  flat = scores.reshape(-1, n).astype(jnp.float32)
-  _, idx = jax.lax.top_k(flat, k)
-  rows = jnp.arange(flat.shape[0])[:, None]
-  return jnp.zeros(flat.shape, jnp.bool_).at[rows, idx].set(True).reshape(scores.shape)
+  return topk_rows(scores.reshape(-1, n), k).reshape(scores.shape)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
