@@ -22,9 +22,9 @@ import pytest
 from jax.sharding import AxisType
 
 import jaxcompress.testing as jt
-from tests.registry import cluster, lowrank, prune, quant
+from tests.registry import cluster, lora, lowrank, prune, quant
 
-CASES = prune.CASES + quant.CASES + lowrank.CASES + cluster.CASES
+CASES = prune.CASES + quant.CASES + lowrank.CASES + lora.CASES + cluster.CASES
 IDS = [c.name for c in CASES]
 BY_NAME = {c.name: c for c in CASES}
 assert len(BY_NAME) == len(CASES), "two registry cases share a name"
