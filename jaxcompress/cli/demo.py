@@ -36,8 +36,10 @@ forward in the same rounds (shuffled order, one untimed call, then a block of
 timed calls); the figure is the median over rounds of float time / its time.
 
 Writes, in ``--out``: ``artifacts/*.safetensors``, ``results.json``,
-``demo.png`` (accuracy against bytes on disk, the Pareto front marked) and
-``report.md`` (the table, the plot and the exact settings).
+``demo.png`` (accuracy against bytes on disk, the Pareto front marked),
+``report.md`` (the table, the plot and the exact settings), and the float
+model as an Orbax checkpoint (``checkpoint/``) with the GPTQ calibration
+inputs (``calib.npy``), ready for ``jaxcompress compress``.
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ class Demo:
     dense = self.float_params()
     self.record("float32", "float32 (baseline)", jc.Spec([]), dense, jc.Spec([]).init(dense)[1],
                 steps=s.float_steps, t0=t0)
-    self.dense = dense
+    self.save_for_compress(dense)
 
     # Gradual magnitude pruning, then fine-tuning with the masks fixed.
     t0 = time.perf_counter()
@@ -317,8 +319,7 @@ class Demo:
         f'[[rules]]\npattern = "{kernels}"\nstages = [{{ stage = "quant.gptq", bits = {s.gptq_bits} }}]\n',
         "<demo gptq recipe>",
     )
-    calib = self.x_train[np.random.default_rng(s.seed).permutation(len(self.x_train))[: s.gptq_calibration]]
-    spec, t, st = oneshot.compress(dense, recipe, calib)
+    spec, t, st = oneshot.compress(dense, recipe, np.load(self.out / "calib.npy"))
     self.progress.update(task, completed=1)
     self.record("gptq", f"GPTQ int{s.gptq_bits} (post-training)", spec, t, st, steps=0, t0=t0,
                 inference="codes", extra={"recipe": recipe.text})
@@ -361,6 +362,16 @@ class Demo:
     self.record("deep_compression", f"Deep Compression (prune {s.prune_sparsity:.0%}, "
                 f"{2 ** s.dc_bits} values, Huffman)", spec, ts.trainable, ts.spec_state,
                 steps=s.prune_steps + s.prune_finetune_steps + s.dc_steps, t0=t0, huffman=True)
+
+  def save_for_compress(self, params: PyTree) -> None:
+    """The float params as an Orbax checkpoint and calibration inputs, for ``jaxcompress compress``."""
+    import orbax.checkpoint as ocp
+
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save((self.out / "checkpoint").absolute(), params, force=True)
+    ckpt.wait_until_finished()
+    order = np.random.default_rng(self.s.seed).permutation(len(self.x_train))
+    np.save(self.out / "calib.npy", self.x_train[order[: self.s.gptq_calibration]])
 
   def distill(self, teacher: PyTree) -> PyTree:
     s = self.s
@@ -452,11 +463,19 @@ def results_json(demo: Demo, seconds: float) -> dict:
   """The run as one JSON object."""
   float_row = demo.results[0]
   front = pareto([(r.file_bytes, r.accuracy) for r in demo.results])
+  s = demo.s
+  labels = {
+      "float32": "float32", "magnitude": f"pruned {s.prune_sparsity:.0%}", "nm24": "2:4",
+      "int8_qat": "int8 QAT", "int4_qat": "int4 QAT", "gptq": f"GPTQ int{s.gptq_bits}",
+      "svd": "low-rank", "kmeans": f"k-means {2 ** s.kmeans_bits}", "distill": "student",
+      "nm24_int8": "2:4 + int8", "deep_compression": "Deep Compression",
+  }
   rows = []
   for r, on_front in zip(demo.results, front):
     rows.append({
         "key": r.key,
         "technique": r.technique,
+        "label": labels.get(r.key, r.key),
         "accuracy": r.accuracy,
         "delta_points": 100 * (r.accuracy - float_row.accuracy),
         "file_bytes": r.file_bytes,
@@ -515,30 +534,66 @@ def table(data: dict) -> str:
   return "\n".join(lines)
 
 
+def _place_labels(ax, xy: list[tuple[float, float]], labels: list[str], fontsize: float) -> None:
+  """Annotates each point where its label overlaps no earlier label and no point."""
+  fig = ax.figure
+  fig.canvas.draw()
+  to_px = ax.transData.transform
+  points = [to_px(p) for p in xy]
+  placed: list[tuple[float, float, float, float]] = []
+  px = fontsize * fig.dpi / 72
+  offsets = [(7, 3), (7, -11), (-7, 3), (-7, -11), (7, 13), (7, -21), (-7, 13), (-7, -21), (7, 23), (-7, 23)]
+  for (x, y), (xd, yd), label in sorted(zip(xy, points, labels), key=lambda t: t[0][0]):
+    w, h = 0.6 * px * len(label), px
+    for dx, dy in offsets:
+      x0 = xd + dx if dx > 0 else xd + dx - w
+      box = (x0, yd + dy, x0 + w, yd + dy + h)
+      clash = any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed)
+      clash = clash or any(box[0] - 3 < p[0] < box[2] + 3 and box[1] - 3 < p[1] < box[3] + 3 for p in points)
+      if not clash:
+        break
+    placed.append(box)
+    ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx * 72 / fig.dpi, dy * 72 / fig.dpi),
+                ha="left" if dx > 0 else "right", va="bottom", fontsize=fontsize)
+
+
+def _kilobytes(x: float, _pos: Any = None) -> str:
+  return f"{x / 1000:g} kB"
+
+
 def plot(data: dict, path: pathlib.Path) -> None:
   """Accuracy against bytes on disk (log scale), the Pareto front marked."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
   rows = data["results"]
   fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
   front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["file_bytes"])
   ax.step([r["file_bytes"] for r in front], [100 * r["accuracy"] for r in front], where="post",
-          color="tab:red", lw=1.5, alpha=0.7, label="Pareto front", zorder=1)
-  for r in rows:
-    on = r["pareto"]
-    ax.scatter(r["file_bytes"], 100 * r["accuracy"], s=60 if on else 40, zorder=2,
-               color="tab:red" if on else "tab:blue", edgecolor="black" if on else "none")
-    ax.annotate(r["technique"], (r["file_bytes"], 100 * r["accuracy"]), textcoords="offset points",
-                xytext=(6, 4), fontsize=7)
+          color="tab:red", lw=1.5, alpha=0.6, label="Pareto front", zorder=1)
+  for on in (False, True):
+    sel = [r for r in rows if r["pareto"] == on]
+    ax.scatter([r["file_bytes"] for r in sel], [100 * r["accuracy"] for r in sel], s=55 if on else 40,
+               zorder=2, color="tab:red" if on else "tab:blue", edgecolor="black" if on else "none",
+               label="on the front" if on else "dominated")
   ax.set_xscale("log")
-  ax.set_xlabel("bytes on disk (safetensors file, log scale)")
+  lo, hi = min(r["file_bytes"] for r in rows), max(r["file_bytes"] for r in rows)
+  ax.set_xlim(lo / 1.6, hi * 2.2)
+  accs = [100 * r["accuracy"] for r in rows]
+  pad = max(0.5, 0.08 * (max(accs) - min(accs)))
+  ax.set_ylim(min(accs) - pad, max(accs) + 2 * pad)
+  ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  ax.xaxis.set_major_formatter(FuncFormatter(_kilobytes))
+  ax.xaxis.set_minor_formatter(NullFormatter())
+  ax.set_xlabel("bytes on disk (the saved safetensors file; log scale)")
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title(f"digits, {data['model']}: accuracy against size", fontsize=10)
-  ax.grid(True, which="both", alpha=0.3)
+  ax.set_title(f"jaxcompress demo: digits, {data['model']}", fontsize=10)
+  ax.grid(True, which="major", alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
+  _place_labels(ax, [(r["file_bytes"], 100 * r["accuracy"]) for r in rows], [r["label"] for r in rows], 7.5)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -224,7 +224,8 @@ class _Lines:
       if seen + n > s:
         return i, i + 1
       seen += n
-    return start, end
+    i = self._find("stages", start, end)  # a stage without a name: point at the list
+    return (start, end) if i is None else (i, i + 1)
 
   def stage(self, r: int, s: int) -> int:
     start, end = self._stage_span(r, s)
