@@ -1,0 +1,302 @@
+"""One-shot compression of a small transformer LM, judged by validation perplexity.
+
+The model is ``examples/tiny_lm.py`` (a byte-level GPT trained on the source
+of Python's standard library), loaded from its Orbax checkpoint (trained
+first when absent). Every method compresses the Dense kernels of the
+transformer blocks (``q``, ``k``, ``v``, ``o``, ``up``, ``down``); the
+embeddings, LayerNorms and output head stay in float32, as in the GPTQ and
+SparseGPT papers. Calibration sequences are random windows of the training
+text (``numpy.random.default_rng(1)``); perplexity is measured on the
+validation files (``tiny_lm.VALID_MODULES``).
+
+Methods (keys of ``ppl`` and ``seconds``):
+
+- ``float``: the trained model.
+- ``w4_rtn``, ``w3_rtn``: round to nearest, asymmetric, one scale and zero
+  point per group of ``group_size`` input rows (``jc.quant.quantize_params``).
+- ``w4_gptq``, ``w3_gptq``: GPTQ (``jc.quant.gptq``), same format, 1%
+  dampening.
+- ``w4_awq``, ``w3_awq``: AWQ (``jc.oneshot.awq``), same format, a grid of 20
+  exponents.
+- ``w4_mxfp4``, ``w4_nvfp4``: round to nearest in the block-scaled 4-bit
+  formats (blocks of 32 and 16 inputs).
+- ``w8a8_naive``: int8 weights (per output channel) and int8 activations
+  (per token), ``jc.oneshot.w8a8_matmul``; ``w8a8_smoothquant``: the same
+  after SmoothQuant (alpha 0.5) from the float model's activations.
+- ``s50_*`` (50% unstructured) and ``nm24_*`` (2:4): ``magnitude`` (no
+  data), ``wanda`` and ``sparsegpt`` of ``jc.oneshot``.
+- ``lowrank50``: each kernel ``(in, out)`` replaced by its truncated SVD of
+  rank ``floor(in * out / (2 * (in + out)))`` (at most half its parameters),
+  ``jc.lowrank.svd``; ``lowrank50_kd``: then the factors trained to match the
+  float model's next-byte distribution (``jc.distill.soft_target_loss``,
+  ``jc.distill.make_distill_step``) on training windows.
+
+Every calibrated method runs through ``jaxcompress.oneshot.sequential``: block
+by block, each block's kernels compressed from the inputs that the already
+compressed blocks give it.
+
+Targets (the orderings the papers report), in ``targets``: GPTQ's increase
+of perplexity over float is at most half of RTN's, at 4 and 3 bits;
+SparseGPT's and Wanda's each at most half of magnitude's, at 50% and at 2:4;
+distillation recovers at least half of the low-rank increase.
+
+Run: ``python benchmarks/lm_oneshot.py`` (``--quick``: the tiny model, 32
+calibration sequences; ``--ckpt DIR``: the checkpoint folder). The last line
+printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import jaxcompress as jc
+from jaxcompress import oneshot
+from jaxcompress.core.paths import path_str
+from jaxcompress.oneshot.sequential import sequential
+from _common import cpu_info
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+import tiny_lm  # noqa: E402
+
+KERNELS = r"blocks/\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"
+SETTINGS = {
+    # calibration sequences, eval windows, group size, distillation steps
+    "full": dict(calib=256, calib_batch=32, eval_windows=512, group_size=128, kd_steps=300, kd_batch=32),
+    "quick": dict(calib=32, calib_batch=16, eval_windows=64, group_size=32, kd_steps=40, kd_batch=16),
+}
+
+
+# --------------------------------------------------------------------------
+# Params of a compressed model.
+# --------------------------------------------------------------------------
+
+
+def with_params(model: tiny_lm.TinyLM, state) -> tiny_lm.TinyLM:
+  """A clone of ``model`` with ``state`` (an ``nnx.State`` of its params)."""
+  clone = nnx.clone(model)
+  nnx.update(clone, state)
+  return clone
+
+
+def params_of(model: tiny_lm.TinyLM):
+  return nnx.state(model, nnx.Param)
+
+
+def map_kernels(model: tiny_lm.TinyLM, fn: Callable[[str, jax.Array], jax.Array]):
+  """The params with ``fn(path, kernel)`` at every block kernel (no calibration)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: fn(path_str(p), x) if re.fullmatch(KERNELS, path_str(p)) else x, params_of(model)
+  )
+
+
+def rtn(model, **fmt):
+  q = jc.quant.quantize_params(params_of(model), pattern=KERNELS, **fmt)
+  return jc.quant.dequantize_params(q)
+
+
+# --------------------------------------------------------------------------
+# w8a8: each block Linear replaced by a simulated int8 layer.
+# --------------------------------------------------------------------------
+
+
+class W8A8Linear(nnx.Module):
+  """``w8a8_matmul(x, kernel, input_scale) + bias``: int8 activations per token, int8
+  weights per output channel (the kernel may be SmoothQuant's ``diag(s) W``)."""
+
+  def __init__(self, kernel: jax.Array, bias: jax.Array, input_scale: jax.Array | None):
+    self.kernel = nnx.Param(kernel)
+    self.bias = nnx.Param(bias)
+    self.input_scale = None if input_scale is None else nnx.Variable(input_scale)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = None if self.input_scale is None else self.input_scale[...]
+    return oneshot.w8a8_matmul(x, self.kernel[...], input_scale=scale) + self.bias[...]
+
+
+def w8a8_model(model: tiny_lm.TinyLM, smoothed: dict | None = None) -> tiny_lm.TinyLM:
+  clone = nnx.clone(model)
+  for i, block in enumerate(clone.blocks):
+    for holder, names in ((block.attn, "qkvo"), (block.mlp, ("up", "down"))):
+      for name in names:
+        layer = getattr(holder, name)
+        path = f"blocks/{i}/{'attn' if holder is block.attn else 'mlp'}/{name}/kernel"
+        kernel, scale = layer.kernel[...], None
+        if smoothed is not None:
+          kernel, scale = smoothed[path]
+        setattr(holder, name, W8A8Linear(kernel, layer.bias[...], scale))
+  return clone
+
+
+# --------------------------------------------------------------------------
+# Low rank, and its distillation.
+# --------------------------------------------------------------------------
+
+
+def lowrank_spec(model: tiny_lm.TinyLM) -> jc.Spec:
+  """``jc.lowrank.svd`` of every block kernel at rank ``floor(in * out / (2 * (in + out)))``."""
+  ranks = {}
+  for p, x in jax.tree_util.tree_flatten_with_path(params_of(model))[0]:
+    path = path_str(p)
+    if re.fullmatch(KERNELS, path):
+      n_in, n_out = x.shape
+      ranks[path] = (n_in * n_out) // (2 * (n_in + n_out))
+  return jc.Spec([jc.Rule(KERNELS, [jc.lowrank.svd(rank=ranks)])])
+
+
+def distill_lowrank(model, spec, train_data, steps, batch, seq_len, seed=2):
+  """Trains the low-rank factors to match the float model's next-byte distribution."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  forward = lambda p, tokens: nnx.merge(graphdef, p, rest)(tokens)
+  opt = optax.adam(optax.cosine_decay_schedule(1e-3, steps))
+  ts = jc.init_train_state(spec, opt, params)
+
+  def loss_fn(student, tokens, teacher_logits, step):
+    return jc.distill.soft_target_loss(forward(student, tokens), teacher_logits).mean()
+
+  step = jc.distill.make_distill_step(loss_fn, forward, spec, opt)
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    tokens = jnp.asarray(tiny_lm.random_windows(train_data, batch, seq_len, rng))
+    ts, _ = step(ts, params, tokens)
+  return spec.apply(ts.trainable, ts.spec_state)
+
+
+# --------------------------------------------------------------------------
+# The benchmark.
+# --------------------------------------------------------------------------
+
+
+def methods(model, batches, group, settings, train_data, seq_len):
+  """``{name: () -> params}`` of every method."""
+  grouped = jc.quant.PerGroup(size=group, axis=0)
+  seq = lambda compress: sequential(model, batches, compress, pattern=r"blocks/\d+/.*")
+  deq = jc.quant.dequantize
+
+  def gptq(bits):
+    return seq(lambda p, w, x: deq(jc.quant.gptq(w, x, bits=bits, symmetric=False, granularity=grouped, path=p)))
+
+  def awq(bits):
+    return seq(lambda p, w, x: oneshot.awq(w, x, bits=bits, group_size=group, path=p).kernel)
+
+  def smoothquant():
+    smoothed = {}
+
+    def record(p, w, x):  # kernels unchanged: every block sees float activations
+      sm = oneshot.smoothquant(w, x, alpha=0.5, path=p)
+      smoothed[p] = (sm.kernel, sm.input_scale)
+      return w
+
+    seq(record)
+    return smoothed
+
+  def lowrank(kd):
+    spec = lowrank_spec(model)
+    if not kd:
+      trainable, state = spec.init(params_of(model))
+      return spec.apply(trainable, state)
+    return distill_lowrank(model, spec, train_data, settings["kd_steps"], settings["kd_batch"], seq_len)
+
+  sparse = {"s50": dict(sparsity=0.5), "nm24": dict(n_m=(2, 4))}
+  out = {
+      "w4_rtn": lambda: rtn(model, bits=4, symmetric=False, granularity=grouped),
+      "w4_gptq": lambda: gptq(4),
+      "w4_awq": lambda: awq(4),
+      "w3_rtn": lambda: rtn(model, bits=3, symmetric=False, granularity=grouped),
+      "w3_gptq": lambda: gptq(3),
+      "w3_awq": lambda: awq(3),
+      "w4_mxfp4": lambda: rtn(model, dtype="mxfp4"),
+      "w4_nvfp4": lambda: rtn(model, dtype="nvfp4"),
+      "w8a8_naive": lambda: None,
+      "w8a8_smoothquant": smoothquant,
+  }
+  for key, kw in sparse.items():
+    out[f"{key}_magnitude"] = lambda kw=kw: map_kernels(model, lambda p, w: oneshot.magnitude(w, **kw, path=p).kernel)
+    out[f"{key}_wanda"] = lambda kw=kw: seq(lambda p, w, x: oneshot.wanda(w, x, **kw, path=p).kernel)
+    out[f"{key}_sparsegpt"] = lambda kw=kw: seq(lambda p, w, x: oneshot.sparsegpt(w, x, **kw, path=p).kernel)
+  out["lowrank50"] = lambda: lowrank(False)
+  out["lowrank50_kd"] = lambda: lowrank(True)
+  return out
+
+
+def model_of(name, model, result):
+  if name == "w8a8_naive":
+    return w8a8_model(model)
+  if name == "w8a8_smoothquant":
+    return w8a8_model(model, result)
+  return with_params(model, result)
+
+
+def increase(ppl: dict, name: str) -> float:
+  return ppl[name] - ppl["float"]
+
+
+def targets(ppl: dict) -> dict:
+  t = {}
+  for bits in ("w4", "w3"):
+    t[f"{bits}_gptq_le_half_rtn"] = increase(ppl, f"{bits}_gptq") <= 0.5 * increase(ppl, f"{bits}_rtn")
+  for key in ("s50", "nm24"):
+    for m in ("sparsegpt", "wanda"):
+      t[f"{key}_{m}_le_half_magnitude"] = increase(ppl, f"{key}_{m}") <= 0.5 * increase(ppl, f"{key}_magnitude")
+  t["kd_recovers_half_lowrank"] = increase(ppl, "lowrank50_kd") <= 0.5 * increase(ppl, "lowrank50")
+  return t
+
+
+def main(quick: bool = False, ckpt: str | None = None, only: list[str] | None = None) -> dict:
+  config = tiny_lm.CONFIGS["quick" if quick else "small"]
+  settings = SETTINGS["quick" if quick else "full"]
+  t0 = time.perf_counter()
+  model, info = tiny_lm.load_or_train(config, ckpt)
+  load_seconds = time.perf_counter() - t0
+  train_data, valid_data = tiny_lm.load_corpus()
+  rng = np.random.default_rng(1)
+  calib = tiny_lm.random_windows(train_data, settings["calib"], config.seq_len, rng)
+  batches = [jnp.asarray(calib[i : i + settings["calib_batch"]]) for i in range(0, len(calib), settings["calib_batch"])]
+  windows = tiny_lm.valid_windows(valid_data, config.seq_len + 1, settings["eval_windows"])
+  group = settings["group_size"]
+
+  t0 = time.perf_counter()
+  ppl = {"float": tiny_lm.perplexity(model, windows)}
+  seconds = {"float": time.perf_counter() - t0}
+  for name, run in methods(model, batches, group, settings, train_data, config.seq_len).items():
+    if only and name not in only:
+      continue
+    t0 = time.perf_counter()
+    result = run()
+    seconds[name] = time.perf_counter() - t0
+    ppl[name] = tiny_lm.perplexity(model_of(name, model, result), windows)
+    print(f"{name:18s} ppl {ppl[name]:8.4f}  {seconds[name]:6.1f} s", file=sys.stderr, flush=True)
+  out = {
+      "benchmark": "lm_oneshot",
+      "quick": quick,
+      "model": {k: getattr(config, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len")},
+      "calibration": {"sequences": settings["calib"], "tokens": settings["calib"] * config.seq_len,
+                      "group_size": group, "eval_windows": len(windows),
+                      "eval_tokens": int(len(windows) * config.seq_len)},
+      "ppl": {k: round(v, 4) for k, v in ppl.items()},
+      "seconds": {k: round(v, 2) for k, v in seconds.items()},
+      "checkpoint": {**info, "load_seconds": round(load_seconds, 1)},
+  }
+  if not only:
+    out["targets"] = targets(ppl)
+  return {**out, "backend": jax.default_backend(), "python": sys.version.split()[0]}
+
+
+if __name__ == "__main__":
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="the tiny model, few calibration sequences")
+  parser.add_argument("--ckpt", default=None, help="checkpoint folder (default: under the cache dir)")
+  parser.add_argument("--only", nargs="*", default=None, help="run only these methods")
+  args = parser.parse_args()
+  print(json.dumps({**main(quick=args.quick, ckpt=args.ckpt, only=args.only), **cpu_info()}))
