@@ -32,14 +32,11 @@ store the base in exactly its own encoding. Two things hold it still:
    weight's updates and moments under decoupled weight decay (``adamw``).
    The spec asks only the first stage of a rule for this mask: it holds for
    ``[LoRA(8)]`` (a one-shot compressed base) but not for ``[FakeQuant,
-   LoRA]``. There, train only the adapters: ``adapter_mask`` says which
-   trainable leaves they are, for ``optax.adamw(mask=...)`` or
-   ``optax.partition``, which then keeps no optimizer state for the base at
-   all.
+   LoRA]``. There, wrap the optimizer in ``adapters_only``: every update
+   outside the adapters is then zero, weight decay included.
 
 A trainable with a zero mask was chosen over state for these reasons; what
-it costs is optimizer moments allocated for the base unless the optimizer is
-partitioned with ``adapter_mask``.
+it costs is optimizer moments allocated (and held at zero) for the base.
 
 Export
 ------
@@ -65,6 +62,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxcompress.core import sharding as _sharding
 from jaxcompress.core.chain import Chain
@@ -265,10 +263,9 @@ class LoRA(Stage):
 def adapter_mask(trainable: PyTree) -> PyTree:
   """True at the adapter factors (``a``, ``b``) of every ``LoRA`` stage, False elsewhere.
 
-  A tree of bools with the structure of ``trainable``, for training only the
-  adapters: ``optax.partition`` (the other leaves then get no update and no
-  optimizer state), ``optax.masked``, or the weight-decay ``mask=`` of
-  ``optax.adamw``. It reads only the trainable tree.
+  A tree of bools with the structure of ``trainable``: the weight-decay
+  ``mask=`` of ``optax.adamw``, or the mask of ``optax.masked``. It reads only
+  the trainable tree. ``adapters_only`` builds the usual optimizer from it.
 
   Args:
     trainable: from ``spec.init`` (or its ``jax.eval_shape``).
@@ -277,22 +274,48 @@ def adapter_mask(trainable: PyTree) -> PyTree:
     A pytree of Python bools, the structure of ``trainable``.
 
   Example:
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    >>> spec = jc.Spec([jc.Rule("w", [jc.quant.FakeQuant(bits=4), jc.lowrank.LoRA(2)])])
+    >>> t, _ = jax.eval_shape(spec.init, params)
+    >>> jax.tree.leaves(jc.lowrank.adapter_mask(t))  # b, w's weight, a, b
+    [False, False, True, True]
+  """
+
+  def mark(node):
+    return jax.tree_util.tree_map(lambda _: isinstance(node, Adapter), node)
+
+  return jax.tree_util.tree_map(mark, trainable, is_leaf=lambda x: isinstance(x, Adapter))
+
+
+def adapters_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner``, with every update outside the LoRA adapters set to zero.
+
+  Only ``a`` and ``b`` train: the frozen bases (also where ``LoRA`` follows
+  other stages, so that its ``update_mask`` is not asked), the stages' other
+  params and the leaves no rule selects get a zero update from any ``inner``,
+  decoupled weight decay included. The bases' gradients are zero already, so
+  their moments stay zero. Works with the step builders, which wrap it in
+  ``jc.masked_optimizer``.
+
+  Args:
+    inner: the optimizer of the adapters, e.g. ``optax.adamw(1e-3)``.
+
+  Returns:
+    ``optax.chain(inner, optax.masked(optax.set_to_zero(), not adapter_mask))``.
+
+  Example:
     >>> import jax, jax.numpy as jnp, optax, jaxcompress as jc
     >>> params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
     >>> spec = jc.Spec([jc.Rule("w", [jc.quant.FakeQuant(bits=4), jc.lowrank.LoRA(2)])])
     >>> t, s = spec.init(params)
-    >>> jax.tree.leaves(jc.lowrank.adapter_mask(t))  # b, w's weight, a, b
+    >>> opt = jc.lowrank.adapters_only(optax.adamw(1e-2, weight_decay=0.1))
+    >>> updates, _ = jax.jit(opt.update)(jax.tree.map(jnp.ones_like, t), opt.init(t), t)
+    >>> [bool(x.any()) for x in jax.tree.leaves(updates)]  # b, w's weight, a, b
     [False, False, True, True]
-    >>> labels = lambda t: jax.tree.map(lambda m: "train" if m else "frozen", jc.lowrank.adapter_mask(t))
-    >>> opt = optax.partition({"train": optax.adam(1e-2), "frozen": optax.set_to_zero()}, labels)
   """
-
-  def mark(node):
-    if isinstance(node, Adapter):
-      return jax.tree_util.tree_map(lambda _: True, node)
-    return jax.tree_util.tree_map(lambda _: False, node)
-
-  return jax.tree_util.tree_map(mark, trainable, is_leaf=lambda x: isinstance(x, Adapter))
+  frozen = lambda t: jax.tree_util.tree_map(lambda m: not m, adapter_mask(t))
+  return optax.chain(inner, optax.masked(optax.set_to_zero(), frozen))
 
 
 # --------------------------------------------------------------------------
