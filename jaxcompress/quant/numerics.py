@@ -32,8 +32,9 @@ block.
 
 Integer rounding is round-half-to-even (``jnp.round``) or stochastic
 (``floor(y + u)``, ``u ~ U[0, 1)`` drawn by ``jax.random.uniform(key, x.shape)``).
-Float8 rounding is the round-to-nearest-even cast, or stochastic rounding to one
-of the two neighbouring float8 values.
+Float rounding (float8, and the elements of the block-scaled formats) is the
+round-to-nearest-even cast, or stochastic rounding to one of the two
+neighbouring values of the element type.
 
 Non-finite values (NaN, +-inf) never set a scale and never harm their
 neighbours:
@@ -49,9 +50,9 @@ neighbours:
 - a real encoding (``quantize``, ``quantize_params``, ``gptq``) keeps what its
   storage dtype holds (NaN in both float8 formats, +-inf in ``float8_e5m2``)
   and refuses the rest (any non-finite value in an integer format or with
-  ``float4_e2m1fn`` elements, +-inf in ``float8_e4m3fn``): a ``ValueError`` naming the leaf path at once when the
-  values are concrete, or the same error at run time (``core.checks.error_if``)
-  when they are traced.
+  ``float4_e2m1fn`` elements, +-inf in ``float8_e4m3fn``): a ``ValueError``
+  naming the leaf path at once when the values are concrete, or the same error
+  at run time (``core.checks.error_if``) when they are traced.
 """
 
 from __future__ import annotations
@@ -186,8 +187,9 @@ class Format:
   def rounding_range(self) -> tuple[float, float]:
     """The scaled values that round onto the grid without clipping.
 
-    ``(qmin - 1/2, qmax + 1/2)`` for integers; for float8, the largest finite
-    value plus half its spacing (``+-464`` for ``float8_e4m3fn``). The clipped
+    ``(qmin - 1/2, qmax + 1/2)`` for integers; for the float formats, the largest
+    finite value plus half its spacing (``+-464`` for ``float8_e4m3fn``, ``+-7``
+    for ``float4_e2m1fn`` elements). The clipped
     straight-through estimator passes the gradient inside this range.
 
     Example:
@@ -780,8 +782,8 @@ def check_finite(
 ) -> None:
   """Refuses the non-finite values of ``x`` that ``fmt`` cannot hold (see the module docstring).
 
-  Integer formats hold no NaN or +-inf; ``float8_e4m3fn`` holds NaN but not
-  +-inf; ``float8_e5m2`` holds both; ``fmt=None`` refuses every non-finite
+  Integer formats and ``float4_e2m1fn`` elements hold no NaN or +-inf;
+  ``float8_e4m3fn`` holds NaN but not +-inf; ``float8_e5m2`` holds both; ``fmt=None`` refuses every non-finite
   value. On concrete values it raises at once (the message counts the bad
   values and gives the first one's index); on traced values the check runs
   with the computation (``core.checks.error_if``): keep it off the training hot
