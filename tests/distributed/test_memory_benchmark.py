@@ -1,0 +1,33 @@
+"""benchmarks/memory.py in quick mode: XLA's per-device figures, checked against closed forms."""
+
+import pytest
+
+from tests.benchmarks import load
+
+
+@pytest.mark.slow
+def test_quick_run_accounts_for_every_buffer():
+  out = load("memory").main(quick=True)
+  assert out["kernel"] == [512, 2048] and out["devices"] == 8
+  params = out["params_bytes_per_device"]
+  assert params == 512 * 2048 * 4 // 8
+  auto, explicit = out["per_technique"], out["explicit"]
+  assert set(auto) == set(explicit) == {"magnitude_prune", "int8_fake_quant", "svd_lowrank", "kmeans_cluster"}
+  for program in ("init", "step", "update"):
+    assert out[f"{program}_over_params"] == max(row[program] for row in auto.values())
+  # int8 FakeQuant init: the kernel in and the trainable kernel out, nothing else.
+  assert auto["int8_fake_quant"]["init"] == 2.0 and auto["int8_fake_quant"]["init_temp"] == 0.0
+  # An Adam step holds at least the kernel and its two moments.
+  assert all(row["step"] >= 3.0 for row in auto.values())
+  # SVD update (donated, nothing to do): the factors, U (512, 64) replicated and
+  # V (64, 2048) split 8 ways, in float32.
+  assert auto["svd_lowrank"]["update"] == round((512 * 64 + 64 * 2048 // 8) * 4 / params, 3) == 0.375
+  # A program "gathers" when its temporaries reach the unsharded kernel: 8 per-device units.
+  for name in out["gathers"]:
+    mesh, (tech, program) = (explicit, name.split(".")[1:]) if name.startswith("explicit.") else (auto, name.split("."))
+    assert mesh[tech][f"{program}_temp"] >= 8.0
+  for mesh, prefix in ((auto, ""), (explicit, "explicit.")):
+    for tech, row in mesh.items():
+      for program in ("init", "step", "update"):
+        if row[f"{program}_temp"] >= 8.0:
+          assert f"{prefix}{tech}.{program}" in out["gathers"]
