@@ -65,7 +65,6 @@ import numpy as np
 import optax
 
 from jaxcompress.core import sharding as _sharding
-from jaxcompress.core.chain import Chain
 from jaxcompress.core.checks import check_int, check_number
 from jaxcompress.core.paths import path_str
 from jaxcompress.core.spec import Compressed, LeafState, Rule, Spec
@@ -354,7 +353,16 @@ def _base_rules(spec: Spec) -> tuple[list[Rule], dict[int, int | None]]:
   return rules, where
 
 
-def _walk(spec: Spec, trainable: PyTree, state: PyTree, fn: str):
+class _Leaf(NamedTuple):
+  """One leaf of a (trainable, state) pair, as the helpers below read it."""
+
+  path: str
+  trainable: Any
+  state: LeafState
+  adapted: bool  # owned by a rule that ends in LoRA
+
+
+def _leaves(spec: Spec, trainable: PyTree, state: PyTree, fn: str) -> tuple[list[_Leaf], Any]:
   if not isinstance(spec, Spec):
     raise TypeError(f"{fn}: spec must be a jc.Spec, got {type(spec).__name__}.")
   flat, treedef = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=_is_node)
@@ -365,27 +373,36 @@ def _walk(spec: Spec, trainable: PyTree, state: PyTree, fn: str):
         f"{fn}: state does not have the structure of trainable ({e}); pass the pair that "
         "spec.init/spec.update returned."
     ) from None
-  return [path_str(p) for p, _ in flat], [t for _, t in flat], s_leaves, treedef
+  out = []
+  for (p, t), s in zip(flat, s_leaves):
+    if not isinstance(s, LeafState):
+      raise TypeError(
+          f"{fn}: the state of leaf {path_str(p)!r} is {type(s).__name__}, not a LeafState; "
+          "pass the state that spec.init/spec.update returned."
+      )
+    adapted = bool(s.stages) and _lora_position(spec.rules[s.rule]) is not None
+    if adapted and not isinstance(t.params[spec.rules[s.rule].keys[-1]], Adapter):
+      raise ValueError(
+          f"{fn}: the LoRA stage of rule {spec.rules[s.rule].pattern!r} adapts each factor of "
+          f"leaf {path_str(p)!r} (a factorizing stage comes before it); only an adapter on an "
+          "array can be split from its base."
+      )
+    out.append(_Leaf(path_str(p), t, s, adapted))
+  return out, treedef
 
 
-def _split_leaf(spec: Spec, rule_index: int, t: Any, s: LeafState) -> tuple[Any, dict, Adapter]:
-  """The weight, the params without the adapter, and the adapter of one adapted leaf."""
-  key = spec.rules[rule_index].keys[-1]
-  adapter = t.params[key]
-  if not isinstance(adapter, Adapter):
-    raise ValueError(
-        f"the LoRA stage of rule {spec.rules[rule_index].pattern!r} adapts each factor of a "
-        "factorized value; only an adapter on an array (no factorizing stage before it) can "
-        "be split from its base."
-    )
-  return t.weight, {k: v for k, v in t.params.items() if k != key}, adapter
+def _without_lora(leaf: _Leaf, spec: Spec) -> tuple[dict, dict]:
+  """The params and the stage states of an adapted leaf, without the adapter's."""
+  key = spec.rules[leaf.state.rule].keys[-1]
+  params = {k: v for k, v in leaf.trainable.params.items() if k != key}
+  return params, {k: v for k, v in leaf.state.stages.items() if k != key}
 
 
-def _base_node(weight: Any, params: dict, stages: dict, new_rule: int | None, shape) -> tuple[Any, LeafState]:
-  if new_rule is None:
+def _base_node(weight: Any, params: dict, stages: dict, rule: int | None, shape) -> tuple[Any, LeafState]:
+  """A leaf's trainable and state as ``spec.init`` builds them (no rule: the weight as is)."""
+  if rule is None:
     return weight, LeafState({})
-  node = Compressed(weight, params) if params else weight
-  return node, LeafState(stages, new_rule, shape)
+  return (Compressed(weight, params) if params or weight is None else weight), LeafState(stages, rule, shape)
 
 
 def lora_base(spec: Spec, trainable: PyTree, state: PyTree) -> tuple[Spec, PyTree, PyTree]:
@@ -415,16 +432,17 @@ def lora_base(spec: Spec, trainable: PyTree, state: PyTree) -> tuple[Spec, PyTre
     'int4 channel@-1 dense:xfloat32 dense:u4-8'
   """
   rules, where = _base_rules(spec)
-  paths, t_leaves, s_leaves, treedef = _walk(spec, trainable, state, "lora_base")
-  t_out, s_out = list(t_leaves), list(s_leaves)
-  for j, (t, s) in enumerate(zip(t_leaves, s_leaves)):
-    if not isinstance(s, LeafState) or not s.stages or _lora_position(spec.rules[s.rule]) is None:
-      if isinstance(s, LeafState) and s.stages:
-        s_out[j] = LeafState(s.stages, where[s.rule], s.shape)
-      continue
-    weight, params, _ = _split_leaf(spec, s.rule, t, s)
-    stages = {k: v for k, v in s.stages.items() if k != spec.rules[s.rule].keys[-1]}
-    t_out[j], s_out[j] = _base_node(weight, params, stages, where[s.rule], s.shape)
+  leaves, treedef = _leaves(spec, trainable, state, "lora_base")
+  t_out, s_out = [], []
+  for leaf in leaves:
+    t, st = leaf.trainable, leaf.state
+    if leaf.adapted:
+      params, stages = _without_lora(leaf, spec)
+      t, st = _base_node(t.weight, params, stages, where[st.rule], st.shape)
+    elif st.stages:
+      st = LeafState(st.stages, where[st.rule], st.shape)
+    t_out.append(t)
+    s_out.append(st)
   return Spec(rules), treedef.unflatten(t_out), treedef.unflatten(s_out)
 
 
@@ -447,13 +465,13 @@ def lora_adapters(spec: Spec, trainable: PyTree, state: PyTree) -> dict[str, dic
     >>> ads["w"]["a"].shape, float(ads["w"]["scale"])
     ((4, 2), 4.0)
   """
-  paths, t_leaves, s_leaves, _ = _walk(spec, trainable, state, "lora_adapters")
+  leaves, _ = _leaves(spec, trainable, state, "lora_adapters")
   out = {}
-  for path, t, s in zip(paths, t_leaves, s_leaves):
-    if isinstance(s, LeafState) and s.stages and _lora_position(spec.rules[s.rule]) is not None:
-      _, _, adapter = _split_leaf(spec, s.rule, t, s)
-      stage = spec.rules[s.rule].stages[-1]
-      out[path] = {"a": adapter.a, "b": adapter.b, "scale": jnp.asarray(stage.scale, jnp.float32)}
+  for leaf in leaves:
+    if leaf.adapted:
+      rule = spec.rules[leaf.state.rule]
+      adapter = leaf.trainable.params[rule.keys[-1]]
+      out[leaf.path] = {"a": adapter.a, "b": adapter.b, "scale": jnp.asarray(rule.stages[-1].scale, jnp.float32)}
   return out
 
 
@@ -490,28 +508,26 @@ def merge_lora(
     True
   """
   rules, where = _base_rules(spec)
-  paths, t_leaves, s_leaves, treedef = _walk(spec, trainable, state, "merge_lora")
+  leaves, treedef = _leaves(spec, trainable, state, "merge_lora")
   merged = treedef.flatten_up_to(spec.apply(trainable, state))
-  t_out, s_out = list(t_leaves), list(s_leaves)
-  groups: dict[int, list[int]] = {}
-  for j, (t, s) in enumerate(zip(t_leaves, s_leaves)):
-    if not isinstance(s, LeafState) or not s.stages:
-      continue
-    if _lora_position(spec.rules[s.rule]) is None:
-      s_out[j] = LeafState(s.stages, where[s.rule], s.shape)
-      continue
-    _split_leaf(spec, s.rule, t, s)
-    if where[s.rule] is None:
-      t_out[j], s_out[j] = merged[j], LeafState({})
-    else:
-      groups.setdefault(s.rule, []).append(j)
-  for old, idxs in groups.items():
-    chain: Chain = rules[where[old]].chain
-    keys = [None if key is None else jax.random.fold_in(key, zlib.crc32(paths[j].encode()) & 0x7FFFFFFF) for j in idxs]
-    out = chain.init_group([merged[j] for j in idxs], paths=[paths[j] for j in idxs], keys=keys)
+  t_out = [leaf.trainable for leaf in leaves]
+  s_out = [LeafState(l.state.stages, where[l.state.rule], l.state.shape) if l.state.stages else l.state for l in leaves]
+  groups: dict[int, list[int]] = {}  # the adapted leaves by their new rule
+  for j, leaf in enumerate(leaves):
+    if leaf.adapted:
+      new = where[leaf.state.rule]
+      if new is None:  # [LoRA] alone: the merged float weight, owned by no rule
+        t_out[j], s_out[j] = _base_node(merged[j], {}, {}, None, None)
+      else:
+        groups.setdefault(new, []).append(j)
+  for new, idxs in groups.items():
+    chain = rules[new].chain
+    keys = [None if key is None else jax.random.fold_in(key, zlib.crc32(leaves[j].path.encode()) & 0x7FFFFFFF)
+            for j in idxs]
+    out = chain.init_group([merged[j] for j in idxs], paths=[leaves[j].path for j in idxs], keys=keys)
     for j, (p, st) in zip(idxs, out):
       weight = None if chain.replaces_weight else merged[j]
-      t_out[j], s_out[j] = _base_node(weight, p, st, where[old], s_leaves[j].shape)
+      t_out[j], s_out[j] = _base_node(weight, p, st, new, leaves[j].state.shape)
   return Spec(rules), treedef.unflatten(t_out), treedef.unflatten(s_out)
 
 

@@ -82,6 +82,10 @@ def test_base_and_adapter_split_only_when_lora_comes_last():
   t, s = jax.eval_shape(spec.init, params)
   with pytest.raises(ValueError, match=r"Rule .w. has stages LoRA\(rank=2\) -> FakeQuant\(\).*Move LoRA to the end"):
     jc.lowrank.lora_base(spec, t, s)
+  spec = jc.Spec([jc.Rule("w", [jc.lowrank.svd(rank=2), LoRA(1)])])  # an adapter on each factor
+  t, s = jax.eval_shape(spec.init, params)
+  with pytest.raises(ValueError, match="merge_lora: the LoRA stage of rule 'w' adapts each factor of leaf 'w'"):
+    jc.lowrank.merge_lora(spec, t, s)
 
 
 def test_inserting_changes_nothing_and_training_adds_the_scaled_product():
