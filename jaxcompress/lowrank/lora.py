@@ -27,9 +27,10 @@ store the base in exactly its own encoding. Two things hold it still:
    and XLA never computes the dense weight gradient. With a zero gradient the
    masked optimizer's updates for the base are zero and its moments stay zero
    for every optimizer whose per-weight state stays zero under zero gradients
-   (SGD, momentum, Adam, RMSProp, Adagrad, Lion).
+   and that does not decay weights (SGD, momentum, Adam, RMSProp, Adagrad).
 2. ``update_mask`` is all False, so ``jc.masked_optimizer`` also zeroes the
-   weight's updates and moments under decoupled weight decay (``adamw``).
+   weight's updates and moments under decoupled weight decay (``adamw``,
+   ``lion``).
    The spec asks only the first stage of a rule for this mask: it holds for
    ``[LoRA(8)]`` (a one-shot compressed base) but not for ``[FakeQuant,
    LoRA]``. There, wrap the optimizer in ``adapters_only``: every update
