@@ -121,3 +121,37 @@ def test_quick_benchmark_json_and_robust_orderings(tmp_path):
   assert up("nm24_sparsegpt") < 0.5 * up("nm24_magnitude")
   assert 0 < up("lowrank50_kd") < 0.5 * up("lowrank50")
   assert abs(up("w8a8_naive")) < 0.02 * ppl["float"]
+
+
+@pytest.mark.slow
+def test_sequential_gptq_on_the_lm_sharded_over_8_devices_matches_one_device():
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from jaxcompress.oneshot.sequential import sequential
+
+  config = dataclasses.replace(QUICK, d_model=32, d_ff=64, seq_len=16)
+  model = tiny_lm.init_model(config)
+  train_data, _ = tiny_lm.load_corpus()
+  tokens = tiny_lm.random_windows(train_data, 16, config.seq_len, np.random.default_rng(0))
+  batches = [jnp.asarray(tokens[:8]), jnp.asarray(tokens[8:])]
+  group = jc.quant.PerGroup(size=16, axis=0)
+  paths = []
+
+  def gptq(path, kernel, x):
+    paths.append(path)
+    return jc.quant.dequantize(jc.quant.gptq(kernel, x, bits=3, granularity=group, path=path))
+
+  plain = sequential(model, batches, gptq)
+  mesh = jax.make_mesh((8,), ("data",))
+  sharded = sequential(model, batches, gptq, sharding=NamedSharding(mesh, PartitionSpec("data")))
+  names = ["attn/k", "attn/o", "attn/q", "attn/v", "mlp/down", "mlp/up"]
+  assert paths[: len(paths) // 2] == [f"blocks/{i}/{n}/kernel" for i in range(config.n_layers) for n in names]
+  # The Hessians are summed in another order across devices, which may flip the
+  # rounding of a weight at a tie (and GPTQ then updates the rest of its column):
+  # nearly every weight must agree.
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded)):
+    agree = np.isclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert agree.mean() > 0.98, agree.mean()
+  # Every block kernel is on the 3-bit grid of its group: at most 8 levels per group and column.
+  k = np.asarray(plain["blocks"][1]["mlp"]["down"]["kernel"][...])
+  assert max(len(np.unique(k[:16, j])) for j in range(k.shape[1])) <= 8

@@ -228,6 +228,11 @@ def _default_embed(model: Any, batch: Any) -> Array:
   return model.embed(batch)
 
 
+def _check_nonempty(block_list: list) -> None:
+  if not block_list:
+    raise ValueError("sequential: blocks(model) is empty; it must return the model's blocks.")
+
+
 def _check_result(new: Any, old: Array, path: str) -> Array:
   if not isinstance(new, (jax.Array, np.ndarray)):
     raise TypeError(
@@ -375,6 +380,7 @@ def sequential(
           "(nnx.update it first to calibrate other values)."
       )
     block_list = list(blocks(model))
+    _check_nonempty(block_list)
     where = {id(node): _module_path(p) for p, node in nnx.iter_graph(model)}
     for i, b in enumerate(block_list):
       if not isinstance(b, nnx.Module) or id(b) not in where:
@@ -394,6 +400,7 @@ def sequential(
       raise TypeError("sequential: a linen model needs its parameters: sequential(model, ..., params=params).")
     bound = model.bind({"params": params})
     block_list = list(blocks(bound))
+    _check_nonempty(block_list)
     for i, b in enumerate(block_list):
       if not isinstance(b, nn.Module) or b.scope is None:
         raise TypeError(
@@ -407,8 +414,6 @@ def sequential(
     raise TypeError(
         f"sequential: model must be a flax.nnx.Module or a flax.linen.Module, got {type(model).__name__}."
     )
-  if not block_list:
-    raise ValueError("sequential: blocks(model) is empty; it must return the model's blocks.")
   if not first:
     raise ValueError("sequential: batches is empty; give at least one calibration batch.")
 

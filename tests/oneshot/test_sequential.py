@@ -227,6 +227,8 @@ def test_errors_name_the_problem_and_the_fix():
     sequential(model, data, keep, sharding="data")
   with pytest.raises(ValueError, match="no attribute 'blocks'"):
     sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), data, keep)
+  with pytest.raises(ValueError, match=r"blocks\(model\) is empty"):
+    sequential(model, data, keep, blocks=lambda m: [])
   with pytest.raises(TypeError, match="block 0 is Linear, not an nnx.Module of the model"):
     sequential(model, data, keep, blocks=lambda m: [nnx.Linear(D, D, rngs=nnx.Rngs(0))])
   with pytest.raises(ValueError, match=r"selects no Linear/Dense layer.*'blocks/0/fc1'"):
