@@ -250,8 +250,11 @@ class Demo:
     like = jax.eval_shape(lambda: spec.apply(trainable, state))
     loaded = jc.export.load(path, like=like)
     params = jc.export.decode(loaded)
+    label = _INFERENCE[inference]
     if inference == "codes":
       served = jc.export.serving_params(loaded)
+      widths = sorted({r.encoding.split(" ")[0] for r in loaded.records if r.path.endswith("kernel")})
+      label = " and ".join(f"{w} codes" for w in widths) + " (compressed_dense)"
 
       def forward(p, x):
         with jc.export.compressed_dense():
@@ -271,7 +274,7 @@ class Demo:
     fn, x = jax.jit(forward), jnp.asarray(self.x_test)
     runner = lambda: fn(served, x).block_until_ready()  # the weights are arguments, never folded
     result = Result(
-        key, technique, self.accuracy(model, params), saved.nbytes, _INFERENCE[inference], steps,
+        key, technique, self.accuracy(model, params), saved.nbytes, label, steps,
         time.perf_counter() - t0, str(path.relative_to(self.out)), runner, extra or {},
     )
     self.results.append(result)
@@ -433,7 +436,7 @@ def _check_factors(served: PyTree, params: PyTree) -> None:
 
 
 _INFERENCE = {
-    "codes": "int8 codes (compressed_dense)",
+    "codes": "integer codes (compressed_dense)",
     "factors": "two factors (factorized_dense)",
     "decoded": "decoded float weights",
 }

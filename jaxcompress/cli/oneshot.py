@@ -177,11 +177,11 @@ def store_codes(spec: jc.Spec, trainable: PyTree, state: PyTree, path: str,
   Returns:
     The new ``(trainable, state)``; the inputs are not modified.
 
-  Example:
-    >>> import jax, jaxcompress as jc
+  Example (codes rounded to nearest here; ``compress`` stores GPTQ's):
+    >>> import jax.numpy as jnp, jaxcompress as jc
     >>> from jaxcompress.cli.oneshot import store_codes
-    >>> w = {"w": jax.random.normal(jax.random.key(0), (16, 4))}
-    >>> q = jc.quant.gptq(w["w"], jax.random.normal(jax.random.key(1), (32, 16)), bits=4)
+    >>> w = {"w": jnp.array([[0.9, -2.0], [0.3, 1.0]])}
+    >>> q = jc.quant.quantize_params(w, pattern="w", bits=4)["w"]
     >>> spec = jc.Spec([jc.Rule("w", [jc.quant.FakeQuant(bits=4, ranges="static")])])
     >>> t, s = store_codes(spec, *spec.init(w), "w", q)
     >>> bool((spec.apply(t, s)["w"] == jc.quant.dequantize(q)).all())
@@ -243,11 +243,11 @@ def compress(params: PyTree, recipe: Recipe, calib: Any = None) -> tuple[jc.Spec
     >>> import jax, jaxcompress as jc
     >>> from jaxcompress.cli.recipe import parse_recipe
     >>> from jaxcompress.cli.oneshot import compress
-    >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
-    >>> recipe = parse_recipe('[[rules]]\\npattern = ".*kernel"\\nstages = [{ stage = "prune.magnitude", sparsity = 0.75 }]')
+    >>> params = {"Dense_0": {"kernel": jax.numpy.array([[0.5, -1.0], [0.25, 1.5]])}}
+    >>> recipe = parse_recipe('[[rules]]\\npattern = ".*kernel"\\nstages = [{ stage = "quant.FakeQuant", bits = 2 }]')
     >>> spec, t, s = compress(params, recipe)
-    >>> int((spec.apply(t, s)["Dense_0"]["kernel"] == 0).sum())
-    24
+    >>> spec.apply(t, s)["Dense_0"]["kernel"].tolist()  # 2-bit symmetric: one step per channel
+    [[0.5, -1.5], [0.0, 1.5]]
   """
   owners = recipe.owners(params)
   gptq_paths = [p for p, o in owners.items() if o is not None and recipe.gptq[o] is not None]
