@@ -54,14 +54,16 @@ Ranges and special values, so that results are the same on every backend:
   quantization, and refuses in a real encoding those that the element type
   cannot hold: e2m1 holds neither NaN nor inf, e4m3 holds NaN).
 
-This module holds the scale rules as functions of the per-block maxima; the
-``Format``, ``quantize``, ``dequantize`` and ``fake_quant`` of
+This module holds the scale rules as functions of the per-block maxima (each
+jitted: one compilation per shape when called eagerly); the ``Format``,
+``quantize``, ``dequantize`` and ``fake_quant`` of
 ``jaxcompress.quant.numerics`` use them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +126,7 @@ FORMATS: dict[str, BlockFormat] = {
 }
 
 
+@jax.jit
 def flush_subnormals(x: Array) -> Array:
   """``x`` (float32) with magnitudes below ``2**-126`` replaced by zeros of their sign.
 
@@ -149,6 +152,7 @@ def _pow2(e: Array) -> Array:
   return jax.lax.bitcast_convert_type((e.astype(jnp.int32) + 127) << 23, jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def mx_scale(amax: Array, fmt: BlockFormat) -> Array:
   """The MX block scales ``2**(floor(log2(amax)) - emax_elem)`` as ``float8_e8m0fnu``.
 
@@ -172,6 +176,7 @@ def mx_scale(amax: Array, fmt: BlockFormat) -> Array:
   return _pow2(e).astype(fmt.scale)
 
 
+@jax.jit
 def nvfp4_tensor_scale(amax: Array) -> Array:
   """NVFP4's float32 tensor scale ``max(amax * float32(1 / 2688), 2**-117)``.
 
@@ -191,6 +196,7 @@ def nvfp4_tensor_scale(amax: Array) -> Array:
   return jnp.maximum(g, jnp.float32(NVFP4_TENSOR_SCALE_MIN))
 
 
+@jax.jit
 def nvfp4_block_scale(amax: Array, tensor_scale: Array) -> Array:
   """NVFP4 block scales: ``amax / (tensor_scale * 6)`` rounded to ``float8_e4m3fn``.
 
@@ -214,6 +220,7 @@ def nvfp4_block_scale(amax: Array, tensor_scale: Array) -> Array:
   return jnp.maximum(s, jnp.float32(NVFP4_BLOCK_SCALE_MIN)).astype(_E4M3)
 
 
+@jax.jit
 def decode_scale(scale: Array, tensor_scale: Array | None) -> Array:
   """The float32 decode scale of each block: ``scale`` (times ``tensor_scale`` for NVFP4).
 

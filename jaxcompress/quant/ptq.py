@@ -105,9 +105,6 @@ def quantize_params(
     >>> w = jc.quant.dequantize_params(q)["Dense_0"]["kernel"]
     >>> [[round(v, 2) for v in row] for row in w.tolist()]
     [[1.0, -2.02], [0.5, 4.0]]
-    >>> q = jc.quant.quantize_params({"kernel": jnp.ones((32, 4))}, dtype="mxfp4")
-    >>> q["kernel"].values.dtype, q["kernel"].scale.dtype, q["kernel"].scale.shape
-    (dtype(float4_e2m1fn), dtype(float8_e8m0fnu), (1, 4))
   """
   fmt = _fmt("quantize_params", bits, dtype, symmetric, narrow_range)
   granularity, calibration = _settings("quantize_params", fmt, granularity, calibration)
@@ -356,9 +353,6 @@ def gptq(
     >>> q = jc.quant.gptq(w, x, bits=4)
     >>> q.values.dtype, q.scale.shape
     (dtype(int4), (1, 8))
-    >>> q = jc.quant.gptq(w, x, dtype="nvfp4")
-    >>> q.values.dtype, q.scale.dtype, q.scale.shape, q.tensor_scale.dtype
-    (dtype(float4_e2m1fn), dtype(float8_e4m3fn), (2, 8), dtype('float32'))
   """
   fmt = _fmt("gptq", bits, dtype, symmetric, narrow_range)
   granularity, calibration = _settings("gptq", fmt, granularity, calibration)
