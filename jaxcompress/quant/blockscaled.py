@@ -16,17 +16,21 @@ kernel ``(in, out)``; ``jc.quant.PerGroup(size=block, axis=-2)``)::
 ``nvfp4``         ``float4_e2m1fn``   16     ``float8_e4m3fn``           float32
 ================  ==================  =====  ==========================  =============
 
-MX scales (OCP Microscaling Formats (MX) Specification v1.0, section 6.3, the
-conversion of a block of scalar floats): the shared scale is the power of two
-``2**e`` with ``e = floor(log2(amax)) - emax_elem``, where ``amax`` is the
-block's largest magnitude and ``emax_elem`` the exponent of the element
-format's largest normal number (8 for e4m3, 15 for e5m2, 2 for e2m1). Each
-element is ``x / 2**e`` converted to the element format; a value beyond the
-largest finite element (the block maximum can reach ``2**(emax_elem + 1)``) is
-clamped to it (448 for e4m3, 57344 for e5m2, 6 for e2m1). The specification
-names the rounding of that conversion as the implementation's choice; here it
-is round to nearest, ties to even, as the ``ml_dtypes`` casts do. The scale is
-stored as one ``float8_e8m0fnu`` byte (the biased exponent ``e + 127``).
+MX scales follow the conversion that the OCP Microscaling Formats (MX)
+Specification v1.0 recommends in section 6.3 for a block of scalar floats: the
+shared scale is the power of two ``2**e`` with ``e = floor(log2(amax)) -
+emax_elem``, where ``amax`` is the block's largest magnitude and ``emax_elem``
+the exponent of the element format's largest normal number (8 for e4m3, 15 for
+e5m2, 2 for e2m1), i.e. the largest power of two not above ``amax``, shifted
+down by the element's range. Each element is ``x / 2**e`` converted to the
+element format, and a normal value beyond the largest finite element is
+clamped to it (448 for e4m3, 57344 for e5m2, 6 for e2m1): the block maximum
+can reach just under ``2**(emax_elem + 1)``, so the top of a block may
+saturate. The conversion rounds to nearest, ties to even (the IEEE default, and
+what the ``ml_dtypes`` casts do). The scale is stored as one
+``float8_e8m0fnu`` byte (the biased exponent ``e + 127``). Section 6.3 is a
+recommendation, not a requirement: other producers (NVIDIA's, for one) round
+the scale up instead, which avoids saturation and gives other bits.
 
 NVFP4 scales (NVIDIA's two-level scheme): a float32 tensor scale
 ``g = amax_tensor * float32(1 / (6 * 448))`` makes the block scales use the
