@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxcompress.core.checks import check_int, error_if, is_concrete
+from jaxcompress.core.checks import check_int, error_if, is_concrete, is_int
 from jaxcompress.quant import blockscaled
 
 Array = jax.Array
@@ -281,8 +281,7 @@ def check_format_fields(where: str, *, dtype: Any, bits: Any, symmetric: Any, na
           "symmetric only: pass symmetric=True, or use dtype='int' for a zero point."
       )
     return
-  is_int = isinstance(bits, (int, np.integer)) and not isinstance(bits, (bool, np.bool_))
-  if is_int and not 2 <= bits <= 8:
+  if is_int(bits) and not 2 <= bits <= 8:
     raise ValueError(
         f"{where}: bits={bits} is not supported; integer quantization takes bits "
         "from 2 to 8 (use dtype='float8_e4m3fn' or 'float8_e5m2' for 8-bit floats, or "
@@ -376,7 +375,7 @@ class PerChannel(Granularity):
 
   def __post_init__(self):
     axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
-    if not axes or any(isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in axes):
+    if not axes or any(not is_int(a) for a in axes):
       raise TypeError(
           f"PerChannel: axis must be an int or a non-empty tuple of ints, got {self.axis!r}; "
           "e.g. PerChannel(axis=-1) for the output features of a Flax kernel."
@@ -389,7 +388,7 @@ class PerChannel(Granularity):
   def check(self, shape: tuple[int, ...], path: str = "<array>") -> None:
     axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
     for a in axes:
-      if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -len(shape) <= a < len(shape):
+      if not is_int(a) or not -len(shape) <= a < len(shape):
         raise ValueError(
             f"{path}: PerChannel(axis={self.axis!r}) does not fit a tensor of shape "
             f"{tuple(shape)}; pass an axis in [-{len(shape)}, {len(shape) - 1}] "
@@ -431,9 +430,9 @@ class PerGroup(Granularity):
     check_int("PerGroup", "axis", self.axis)
 
   def check(self, shape: tuple[int, ...], path: str = "<array>") -> None:
-    if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
+    if not is_int(self.size) or self.size < 1:
       raise ValueError(f"{path}: PerGroup(size={self.size!r}) needs a positive integer size.")
-    if isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer)) or not (
+    if not is_int(self.axis) or not (
         -len(shape) <= self.axis < len(shape)
     ):
       raise ValueError(

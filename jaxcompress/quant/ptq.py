@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.core.checks import is_int
 from jaxcompress.core.paths import parent, path_str
 from jaxcompress.quant import blockscaled
 from jaxcompress.quant import calibration as _cal
@@ -185,7 +186,7 @@ def _check_gptq(w: Any, x: Any, fmt: Format, granularity: Granularity, path: str
   numerics.check(fmt, granularity, tuple(w.shape), path)
   ok = (
       isinstance(granularity, PerTensor)
-      or (isinstance(granularity, PerChannel) and granularity._axes(2) == (1,))
+      or (isinstance(granularity, PerChannel) and granularity.scale_shape((2, 3)) == (1, 3))
       or (isinstance(granularity, PerGroup) and granularity.axis in (0, -2))
   )
   if not ok:
@@ -367,7 +368,7 @@ def gptq(
       )
     block = granularity.size
   else:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if not is_int(block_size) or block_size < 1:
       raise ValueError(f"{path}: block_size={block_size!r} must be a positive int, e.g. 128.")
     block = _largest_divisor(w.shape[0], block_size)
   tensor_scale = None
