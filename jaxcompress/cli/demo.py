@@ -333,7 +333,7 @@ class Demo:
     ts = self.fit("low-rank SVD", spec, dense, s.svd_steps, s.finetune_lr)
     ranks = {k: int(v["kernel"].params["lowrank"].rank) for k, v in ts.trainable.items()
              if isinstance(v["kernel"], jc.Compressed)}
-    self.record("svd", f"low-rank SVD (rank {s.svd_fraction:g} of full)", spec, ts.trainable,
+    self.record("svd", f"low-rank SVD ({s.svd_fraction:g} of full rank)", spec, ts.trainable,
                 ts.spec_state, steps=s.svd_steps, t0=t0, inference="factors", extra={"ranks": ranks})
 
     # k-means weight sharing with Huffman coding, the centroids fine-tuned.

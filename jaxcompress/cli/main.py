@@ -161,14 +161,10 @@ def main(argv: list[str] | None = None) -> int:
   if args.command is None:
     parser.print_help()
     return 0
-  from jaxcompress.cli.recipe import RecipeError
-
   commands = {"demo": _demo, "inspect": _inspect, "compress": _compress}
   try:
     return commands[args.command](args)
-  except (RecipeError, CLIError) as e:
-    print(f"jaxcompress {args.command}: error: {e}", file=sys.stderr)
-  except (ValueError, TypeError, OSError) as e:
+  except (CLIError, ValueError, TypeError, OSError) as e:  # RecipeError is a ValueError
     print(f"jaxcompress {args.command}: error: {e}", file=sys.stderr)
   return 2
 
