@@ -112,7 +112,8 @@ def masked_optimizer(inner: optax.GradientTransformation) -> MaskedOptimizer:
         state,
         masks,
         transform_non_params=lambda x: x,
-        is_leaf=lambda x: x is None,
+        # optax.partition/multi_transform hold MaskedNode() where a group has no params.
+        is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode),
     )
     updates, state = inner.update(mask_tree(updates, masks), state, params, **extra)
     return mask_tree(updates, masks), state

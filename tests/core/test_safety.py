@@ -158,3 +158,25 @@ def test_train_state_key_of_another_prng_implementation_is_refused():
   spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.5)])])
   with pytest.raises(ValueError, match=r"init_train_state: key: the key's PRNG implementation rbg"):
     jc.init_train_state(spec, optax.sgd(0.1), {"w": jnp.ones((4, 4))}, key=jax.random.key(0, impl="rbg"))
+
+
+def test_partitioned_optimizers_work_in_the_train_step():
+  """optax.multi_transform (MaskedNode in its state) with a frozen group and a pruned leaf."""
+  params = {"a": {"kernel": jnp.arange(64.0).reshape(8, 8) - 31.5}, "b": {"kernel": jnp.ones((8, 4))}}
+  spec = jc.Spec([jc.Rule("a/kernel", [jc.prune.magnitude(sparsity=0.5)])])
+  labels = {"a": {"kernel": "train"}, "b": {"kernel": "freeze"}}
+  opt = optax.multi_transform({"train": optax.adam(1e-2), "freeze": optax.set_to_zero()}, labels)
+
+  def loss(p, batch):
+    return jnp.sum((batch @ p["a"]["kernel"] @ p["b"]["kernel"]) ** 2)
+
+  ts = jc.init_train_state(spec, opt, params)
+  step = jc.make_train_step(loss, spec, opt)
+  for _ in range(2):
+    ts, _ = step(ts, jnp.ones((2, 8)))
+  weights = spec.apply(ts.trainable, ts.spec_state)
+  np.testing.assert_array_equal(np.asarray(weights["b"]["kernel"]), np.ones((8, 4)))  # frozen
+  pruned = np.asarray(weights["a"]["kernel"]) == 0
+  assert pruned.sum() == 32
+  mu = ts.opt_state.inner_states["train"].inner_state[0].mu["a"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(mu)[pruned], 0.0)
