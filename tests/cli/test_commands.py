@@ -286,6 +286,14 @@ def test_compress_to_orbax_and_inspect_a_checkpoint(checkpoint):
   got = jc.export.decode(jc.export.load(d / "pruned"))
   for name in params:
     assert np.mean(np.asarray(got[name]["kernel"]) == 0) == pytest.approx(0.75, abs=1 / params[name]["kernel"].size)
+  res = jaxcompress("inspect", d / "pruned", "--json")  # an artifact as an Orbax directory
+  assert res.returncode == 0, res.stderr[-3000:]
+  summary = json.loads(res.stdout)
+  assert summary["kind"] == "artifact"
+  assert summary["file_bytes"] == sum(f.stat().st_size for f in (d / "pruned").rglob("*") if f.is_file())
+  for leaf in summary["leaves"]:
+    layer, name = leaf["path"].split("/")
+    assert leaf["sparsity"] == pytest.approx(np.mean(np.asarray(got[layer][name]) == 0))
   res = jaxcompress("inspect", d / "ckpt", "--json")
   assert res.returncode == 0, res.stderr[-3000:]
   plain = json.loads(res.stdout)
