@@ -189,3 +189,12 @@ def test_models_that_are_not_a_chain_of_dense_layers_are_refused(params, words):
     dense_chain(params)
   assert words in str(e.value)
   assert "jc.quant.gptq_params" in str(e.value)  # the way out
+
+
+def test_a_stage_that_refuses_a_leaf_points_at_its_rule():
+  recipe = parse_recipe(
+      'huffman = false\n\n[[rules]]\npattern = ".*kernel"\n'
+      'stages = [{ stage = "prune.Prune", structure = { type = "prune.NM", n = 2, m = 4 } }]\n', "r.toml"
+  )
+  with pytest.raises(RecipeError, match=r"^r.toml:4: NM\(2, 4\) at 'Dense_0/kernel': axis 0 of shape \(6, 4\)"):
+    compress({"Dense_0": {"kernel": np.ones((6, 4), np.float32)}}, recipe)
