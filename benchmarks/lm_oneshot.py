@@ -73,8 +73,8 @@ import tiny_lm  # noqa: E402
 KERNELS = r"blocks/\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"
 SETTINGS = {
     # calibration sequences, eval windows, group size, distillation steps
-    "full": dict(calib=256, calib_batch=32, eval_windows=512, group_size=128, kd_steps=300, kd_batch=32),
-    "quick": dict(calib=32, calib_batch=16, eval_windows=64, group_size=32, kd_steps=40, kd_batch=16),
+    "full": dict(calib=256, calib_batch=32, eval_windows=512, group_size=128, kd_steps=100, kd_batch=32),
+    "quick": dict(calib=16, calib_batch=16, eval_windows=64, group_size=32, kd_steps=20, kd_batch=16),
 }
 
 
@@ -102,8 +102,9 @@ def map_kernels(model: tiny_lm.TinyLM, fn: Callable[[str, jax.Array], jax.Array]
 
 
 def rtn(model, **fmt):
-  q = jc.quant.quantize_params(params_of(model), pattern=KERNELS, **fmt)
-  return jc.quant.dequantize_params(q)
+  """Round to nearest of every block kernel (one jitted call)."""
+  quantize = lambda params: jc.quant.dequantize_params(jc.quant.quantize_params(params, pattern=KERNELS, **fmt))
+  return jax.jit(quantize)(params_of(model))
 
 
 # --------------------------------------------------------------------------
@@ -178,8 +179,9 @@ def distill_lowrank(model, spec, train_data, steps, batch, seq_len, seed=2):
 # --------------------------------------------------------------------------
 
 
-def methods(model, batches, group, settings, train_data, seq_len):
-  """``{name: () -> params}`` of every method."""
+def methods(model, batches, group, settings, train_data, seq_len, diagnostics):
+  """``{name: () -> params}`` of every method; SmoothQuant's pass over the float
+  model also fills ``diagnostics`` with the spread of the input features' norms."""
   grouped = jc.quant.PerGroup(size=group, axis=0)
   seq = lambda compress: sequential(model, batches, compress, pattern=r"blocks/\d+/.*")
   deq = jc.quant.dequantize
@@ -196,9 +198,17 @@ def methods(model, batches, group, settings, train_data, seq_len):
     def record(p, w, x):  # kernels unchanged: every block sees float activations
       sm = oneshot.smoothquant(w, x, alpha=0.5, path=p)
       smoothed[p] = (sm.kernel, sm.input_scale)
+      norms = np.linalg.norm(np.asarray(x, np.float64), axis=0)
+      ratios.append(float(norms.max() / np.median(norms)))
       return w
 
+    ratios = []
     seq(record)
+    # Outlier features, which Wanda, AWQ and SmoothQuant exploit, show as a few
+    # input features with norms far above the median (about 100x in LLMs).
+    diagnostics["input_norm_max_over_median"] = {
+        "median_layer": round(float(np.median(ratios)), 2), "max_layer": round(max(ratios), 2)
+    }
     return smoothed
 
   def lowrank(kd):
@@ -266,17 +276,19 @@ def main(quick: bool = False, ckpt: str | None = None, only: list[str] | None = 
   windows = tiny_lm.valid_windows(valid_data, config.seq_len + 1, settings["eval_windows"])
   group = settings["group_size"]
 
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   ppl = {"float": tiny_lm.perplexity(model, windows)}
-  seconds = {"float": time.perf_counter() - t0}
-  for name, run in methods(model, batches, group, settings, train_data, config.seq_len).items():
+  seconds, cpu_seconds = {"float": time.perf_counter() - t0}, {"float": time.process_time() - c0}
+  diagnostics = {}
+  for name, run in methods(model, batches, group, settings, train_data, config.seq_len, diagnostics).items():
     if only and name not in only:
       continue
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = run()
-    seconds[name] = time.perf_counter() - t0
+    seconds[name], cpu_seconds[name] = time.perf_counter() - t0, time.process_time() - c0
     ppl[name] = tiny_lm.perplexity(model_of(name, model, result), windows)
-    print(f"{name:18s} ppl {ppl[name]:8.4f}  {seconds[name]:6.1f} s", file=sys.stderr, flush=True)
+    print(f"{name:18s} ppl {ppl[name]:8.4f}  {seconds[name]:6.1f} s  {cpu_seconds[name]:6.1f} cpu s",
+          file=sys.stderr, flush=True)
   out = {
       "benchmark": "lm_oneshot",
       "quick": quick,
@@ -286,6 +298,8 @@ def main(quick: bool = False, ckpt: str | None = None, only: list[str] | None = 
                       "eval_tokens": int(len(windows) * config.seq_len)},
       "ppl": {k: round(v, 4) for k, v in ppl.items()},
       "seconds": {k: round(v, 2) for k, v in seconds.items()},
+      "cpu_seconds": {k: round(v, 2) for k, v in cpu_seconds.items()},
+      "diagnostics": diagnostics,
       "checkpoint": {**info, "load_seconds": round(load_seconds, 1)},
   }
   if not only:
