@@ -352,7 +352,9 @@ class Demo:
 
     # Combined: the 2:4 model, int8 quantization-aware fine-tuned.
     t0 = time.perf_counter()
-    spec = jc.Spec([jc.Rule(kernels, [jc.prune.Prune(structure=jc.prune.NM(2, 4)), jc.quant.FakeQuant(bits=8)])])
+    spec = jc.Spec([
+        jc.Rule(kernels, [jc.prune.Prune(structure=jc.prune.NM(2, 4)), jc.quant.FakeQuant(bits=8)]),
+    ])
     ts = self.fit("2:4 + int8", spec, nm_params, s.nm_int8_steps, s.qat_lr)
     self.record("nm24_int8", "2:4 + int8 QAT", spec, ts.trainable, ts.spec_state,
                 steps=s.nm_steps + s.nm_int8_steps, t0=t0, inference="codes")

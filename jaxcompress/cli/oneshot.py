@@ -244,7 +244,11 @@ def compress(params: PyTree, recipe: Recipe, calib: Any = None) -> tuple[jc.Spec
     >>> from jaxcompress.cli.recipe import parse_recipe
     >>> from jaxcompress.cli.oneshot import compress
     >>> params = {"Dense_0": {"kernel": jax.numpy.array([[0.5, -1.0], [0.25, 1.5]])}}
-    >>> recipe = parse_recipe('[[rules]]\\npattern = ".*kernel"\\nstages = [{ stage = "quant.FakeQuant", bits = 2 }]')
+    >>> recipe = parse_recipe('''
+    ... [[rules]]
+    ... pattern = ".*kernel"
+    ... stages = [{ stage = "quant.FakeQuant", bits = 2 }]
+    ... ''')
     >>> spec, t, s = compress(params, recipe)
     >>> spec.apply(t, s)["Dense_0"]["kernel"].tolist()  # 2-bit symmetric: one step per channel
     [[0.5, -1.5], [0.0, 1.5]]
