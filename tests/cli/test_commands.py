@@ -114,7 +114,11 @@ def test_demo_bytes_are_the_files_and_accuracy_is_the_files(demo_runs):
   assert all(e["encoding"].startswith("int8 ") for e in kernels("int8_qat"))
   assert all(e["encoding"].startswith("int4 ") for e in kernels("gptq"))
   assert all(e["encoding"].startswith("svd[") for e in kernels("svd") if e["path"] != "Dense_2/kernel")
-  assert all(e["chain"] == ["Prune", "Cluster"] for e in kernels("deep_compression"))
+  assert all(e["chain"] == ["Cluster"] and e["encoding"].startswith("codebook32 ")
+             for e in kernels("deep_compression"))
+  for key in ("magnitude", "deep_compression"):  # the clustered model keeps the pruned zeros
+    params = jc.export.decode(jc.export.load(out / f"artifacts/{key}.safetensors"))
+    assert all(abs(np.mean(np.asarray(params[n]["kernel"]) == 0) - 0.9) < 0.01 for n in params)
 
 
 def test_demo_pareto_front_by_brute_force(demo_runs):
@@ -338,3 +342,29 @@ def test_exit_codes(checkpoint, tmp_path):
   assert res.returncode == 2 and "invalid int value" in res.stderr
   res = jaxcompress()
   assert res.returncode == 0 and "demo" in res.stdout and "compress" in res.stdout
+
+
+def test_wanda_gets_the_input_norms_of_the_calibration_data():
+  """With calibration inputs, a Wanda criterion ranks |w| * ||x_j|| (numpy reference)."""
+  from jaxcompress.cli.oneshot import compress
+  from jaxcompress.cli.recipe import parse_recipe
+
+  rng = np.random.default_rng(1)
+  params = {
+      "Dense_0": {"kernel": rng.normal(size=(8, 16)).astype(np.float32), "bias": np.zeros(16, np.float32)},
+      "Dense_1": {"kernel": rng.normal(size=(16, 4)).astype(np.float32)},
+  }
+  calib = (rng.normal(size=(64, 8)) * rng.uniform(0.1, 5.0, size=8)).astype(np.float32)
+  recipe = parse_recipe(
+      '[[rules]]\npattern = ".*kernel"\n'
+      'stages = [{ stage = "prune.Prune", sparsity = 0.5, criterion = { type = "prune.Wanda" } }]\n'
+  )
+  spec, t, s = compress(params, recipe, calib)
+  got = spec.apply(t, s)
+  x = calib.astype(np.float64)
+  for name in ("Dense_0", "Dense_1"):
+    w = params[name]["kernel"].astype(np.float64)
+    score = np.abs(w) * np.linalg.norm(x, axis=0)[:, None]
+    keep = score >= np.sort(score.ravel())[score.size // 2]
+    np.testing.assert_array_equal(np.asarray(got[name]["kernel"]) != 0, keep)
+    x = np.maximum(x @ w + params[name].get("bias", 0.0), 0.0)  # the float model's next inputs

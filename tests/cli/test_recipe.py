@@ -198,3 +198,14 @@ def test_a_stage_that_refuses_a_leaf_points_at_its_rule():
   )
   with pytest.raises(RecipeError, match=r"^r.toml:4: NM\(2, 4\) at 'Dense_0/kernel': axis 0 of shape \(6, 4\)"):
     compress({"Dense_0": {"kernel": np.ones((6, 4), np.float32)}}, recipe)
+
+
+def test_argument_objects_as_the_docs_write_them():
+  recipe = parse_recipe(
+      '[[rules]]\npattern = "Dense_0/kernel"\n'
+      'stages = [{ stage = "lowrank.SVD", rank = { type = "lowrank.Fraction", fraction = 0.5 } }]\n\n'
+      '[[rules]]\npattern = "Dense_1/kernel"\n'
+      'stages = [{ stage = "quant.FakeQuant", bits = 4, granularity = { type = "quant.PerGroup", size = 4 } }]\n'
+  )
+  assert recipe.rules[0].stages == (jc.lowrank.SVD(rank=jc.lowrank.Fraction(0.5)),)
+  assert recipe.rules[1].stages == (jc.quant.FakeQuant(bits=4, granularity=jc.quant.PerGroup(size=4)),)
