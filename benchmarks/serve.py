@@ -1,17 +1,33 @@
-"""Serving a compressed model on CPU: Dense layers on stored int8/int4 codes vs float32.
+"""Serving a compressed model from its artifact: Dense layers on the stored codes vs float.
 
 A 4096x4096 Dense layer and a 4096 -> 16384 -> 4096 MLP block (Flax linen,
-ReLU) are quantized per output channel (``FakeQuant``, int8 or int4), exported
-(``jc.export``), and run from the artifact with ``jc.export.compressed_dense``
-(``serving_params``: the codes, never float weights), side by side in one
-process with the float32 model (medians over rounds of paired timings,
-``_common.paired_times``). Keys: ``b{B}_{mode}`` for the MLP block,
-``layer_b{B}_{mode}`` for the layer; each figure is float32 time / compressed
-time. Modes: ``w8`` and ``w4`` (weight-only: float activations, split into two
-int8 limbs), ``w8a8`` (activations quantized per row to int8, int32
-accumulation). The CPU model and its int8 features come from /proc/cpuinfo.
+ReLU) are compressed five ways, exported (``jc.export``), and run from the
+artifact with ``jc.export.compressed_dense`` (``serving_params``: codes,
+factors and codebooks, never float weights), side by side in one process with
+the float model (medians over rounds of paired timings,
+``_common.paired_times``). Modes:
 
-Targets: b1_w8 >= 1.0, b1_w4 >= 1.0, b16_w8a8 >= 2.0, b256_w8a8 >= 1.0, b16_w4 >= 1.5.
+- ``w8``: int8 per output channel, weight-only (float activations, split into
+  two int8 limbs);
+- ``w4``: int4 with one scale per group of 128 inputs, weight-only;
+- ``w8a8``: int8 per channel, activations quantized per row to int8, int32
+  accumulation;
+- ``nm24_w8``: 2:4 pruning then int8 (the kept codes are scattered back into
+  dense int8 codes on load: no sparse matmul unit on CPU);
+- ``lowrank_w8``: rank-1024 SVD factors, each int8 (two int8 products).
+
+Keys (MLP block; the layer's carry a ``layer_`` prefix): ``b{B}_{mode}`` is
+float time / compressed time at batch ``B``; ``{mode}_bytes`` the kernels'
+stored bytes (``float_bytes`` the float kernels'); ``{mode}_err`` the largest
+output error against the float model on ``decode``'s params, over all
+batches, relative to that output's largest magnitude. ``targets`` holds each
+target, ``targets_met`` whether it is met, ``load`` the 1-minute load average
+before and after (the timings are only as good as the machine was quiet).
+
+Targets (CPU, float32): b1_w8 >= 1.0, b1_w4 >= 1.0, b16_w8a8 >= 2.0,
+b256_w8a8 >= 1.0, b16_w4 >= 1.5. ``--gpu``: the same in bfloat16 on the
+default accelerator, targets b1_w8 >= 1.8 and b1_w4 >= 3.0 over bfloat16
+(``--gpu --quick`` runs small on whatever backend there is, as a smoke check).
 
 Run: ``python benchmarks/serve.py`` (``--quick``: 256-wide, two rounds). The
 last line printed is one JSON object.
@@ -21,20 +37,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jaxcompress as jc
 from _common import cpu_info, paired_times
 
-FULL = {"d": 4096, "ffn": 16384, "batches": (1, 4, 16, 256), "rounds": 20, "warmup": 2}
-QUICK = {"d": 256, "ffn": 1024, "batches": (1, 16), "rounds": 2, "warmup": 1}
-MODES = {"w8": (8, "float"), "w4": (4, "float"), "w8a8": (8, "int8")}
+FULL = {"d": 4096, "ffn": 16384, "rank": 1024, "group": 128, "batches": (1, 4, 16, 256), "rounds": 20,
+        "warmup": 2}
+QUICK = {"d": 256, "ffn": 1024, "rank": 64, "group": 32, "batches": (1, 16), "rounds": 2, "warmup": 1}
 TARGETS = {"b1_w8": 1.0, "b1_w4": 1.0, "b16_w8a8": 2.0, "b256_w8a8": 1.0, "b16_w4": 1.5}
+GPU_TARGETS = {"b1_w8": 1.8, "b1_w4": 3.0}
+
+
+def modes(cfg: dict) -> dict:
+  """``{mode: (stages, activations)}``."""
+  q8 = lambda: jc.quant.FakeQuant(bits=8)
+  return {
+      "w8": ([q8()], "float"),
+      "w4": ([jc.quant.FakeQuant(bits=4, granularity=jc.quant.PerGroup(size=cfg["group"], axis=0))], "float"),
+      "w8a8": ([q8()], "int8"),
+      "nm24_w8": ([jc.prune.Prune(structure=jc.prune.NM(2, 4)), q8()], "float"),
+      "lowrank_w8": ([jc.lowrank.svd(rank=cfg["rank"]), q8()], "float"),
+  }
 
 
 class Layer(nn.Module):
@@ -55,57 +86,86 @@ class Block(nn.Module):
     return nn.Dense(self.d)(h)
 
 
-def served(model, params, bits: int) -> dict:
-  """Export ``params`` with every kernel fake-quantized to ``bits``; the serving params."""
-  spec = jc.Spec([jc.Rule(r".*kernel", [jc.quant.FakeQuant(bits=bits)])])
+def exported(params, stages) -> jc.export.Artifact:
+  """``params`` with every kernel compressed by ``stages``, exported."""
+  spec = jc.Spec([jc.Rule(r".*kernel", stages)])
   t, s = spec.init(params)
-  return jc.export.serving_params(jc.export.export(spec, t, s))
+  t, s = spec.update(t, s, 0)
+  return jc.export.export(spec, t, s)
 
 
-def speedups(model, params, batches, rounds, warmup, prefix="") -> dict:
+def kernel_bytes(artifact: jc.export.Artifact) -> int:
+  return sum(r.nbytes for r in artifact.records if r.path.endswith("kernel"))
+
+
+def measure(model, params, cfg: dict, dtype, prefix: str = "") -> dict:
+  """Speed-ups, bytes and errors of every mode for one model."""
   float_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  d = params["Dense_0"]["kernel"].shape[0]
+  xs = {b: jax.random.normal(jax.random.key(b), (b, d), jnp.float32).astype(dtype) for b in cfg["batches"]}
+  out = {f"{prefix}float_bytes": sum(int(l["kernel"].nbytes) for l in params.values())}
   fns = {}
-  for mode, (bits, activations) in MODES.items():
-    sp = served(model, params, bits)
+  artifacts = {}
+  for mode, (stages, activations) in modes(cfg).items():
+    names = tuple(repr(s) for s in stages)
+    if names not in artifacts:  # w8 and w8a8 serve the same artifact
+      artifacts = {names: exported(params, stages)}
+    artifact = artifacts[names]
+    served = jc.export.serving_params(artifact)
 
     def run(sp, x, activations=activations):
       with jc.export.compressed_dense(activations=activations):
         return model.apply({"params": sp}, x)
 
-    fns[mode] = (jax.jit(run), sp)  # the codes are arguments, as the float params are
-  out = {}
-  for b in batches:
-    x = jax.random.normal(jax.random.key(b), (b, params["Dense_0"]["kernel"].shape[0]))
+    fn = jax.jit(run)  # the codes are arguments, as the float params are
+    decoded = jc.export.decode(artifact)
+    err = 0.0
+    for x in xs.values():
+      want = np.asarray(float_fn(decoded, x), np.float64)
+      got = np.asarray(fn(served, x), np.float64)
+      err = max(err, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)))
+    del decoded
+    out[f"{prefix}{mode}_bytes"] = kernel_bytes(artifact)
+    out[f"{prefix}{mode}_err"] = float(f"{err:.3g}")
+    fns[mode] = (fn, served)
+  for b, x in xs.items():
     runners = {"float": lambda x=x: float_fn(params, x).block_until_ready()}
     for mode, (fn, sp) in fns.items():
       runners[mode] = lambda fn=fn, sp=sp, x=x: fn(sp, x).block_until_ready()
-    per = paired_times(runners, rounds=rounds, block=1, warmup=warmup)
+    per = paired_times(runners, rounds=cfg["rounds"], block=1, warmup=cfg["warmup"])
     for mode in fns:
-      out[f"{prefix}b{b}_{mode}"] = round(
-          statistics.median(f / t for f, t in zip(per["float"], per[mode])), 2
-      )
+      out[f"{prefix}b{b}_{mode}"] = round(statistics.median(f / t for f, t in zip(per["float"], per[mode])), 2)
   return out
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, gpu: bool = False) -> dict:
   t0 = time.perf_counter()
+  load0 = os.getloadavg()[0]
   cfg = QUICK if quick else FULL
+  dtype = jnp.bfloat16 if gpu else jnp.float32
   d, ffn = cfg["d"], cfg["ffn"]
   result = {}
+  cast = lambda p: jax.tree.map(lambda a: a.astype(dtype), p)
   layer = Layer(d)
-  lp = layer.init(jax.random.key(0), jnp.ones((1, d)))["params"]
-  result.update(speedups(layer, lp, cfg["batches"], cfg["rounds"], cfg["warmup"], prefix="layer_"))
+  lp = cast(layer.init(jax.random.key(0), jnp.ones((1, d)))["params"])
+  result.update(measure(layer, lp, cfg, dtype, prefix="layer_"))
   del lp
   block = Block(d, ffn)
-  bp = block.init(jax.random.key(1), jnp.ones((1, d)))["params"]
-  result.update(speedups(block, bp, cfg["batches"], cfg["rounds"], cfg["warmup"]))
-  met = {k: result[k] >= v for k, v in TARGETS.items() if k in result}
+  bp = cast(block.init(jax.random.key(1), jnp.ones((1, d)))["params"])
+  result.update(measure(block, bp, cfg, dtype))
+  targets = GPU_TARGETS if gpu else TARGETS
   return {
       **result,
-      "targets_met": met,
+      "targets": targets,
+      "targets_met": {k: result[k] >= v for k, v in targets.items() if k in result},
+      "backend": jax.default_backend(),
+      "dtype": jnp.dtype(dtype).name,
       **cpu_info(),
+      "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
       "d": d,
       "ffn": ffn,
+      "rank": cfg["rank"],
+      "group": cfg["group"],
       "rounds": cfg["rounds"],
       "quick": quick,
       "seconds": round(time.perf_counter() - t0, 1),
@@ -115,8 +175,12 @@ def run(quick: bool = False) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="256-wide, two rounds (smoke run)")
+  parser.add_argument("--gpu", action="store_true",
+                      help="bfloat16 on the default accelerator (with --quick: any backend)")
   args = parser.parse_args()
-  print(json.dumps(run(quick=args.quick)))
+  if args.gpu and not args.quick and jax.default_backend() == "cpu":
+    parser.error("--gpu needs an accelerator (jax.default_backend() is 'cpu'); add --quick for a smoke run.")
+  print(json.dumps(run(quick=args.quick, gpu=args.gpu)))
 
 
 if __name__ == "__main__":

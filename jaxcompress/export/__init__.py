@@ -12,6 +12,9 @@ directory), checked on load; ``decode`` gives back exactly
     print(artifact)                                  # the size table
     jc.export.save(artifact, "model.safetensors")
     params = jc.export.decode(jc.export.load("model.safetensors", like=params))
+
+Compressed inference runs the unchanged model on the stored codes:
+``serving_params`` with ``compressed_dense()`` (linen), ``serving_nnx`` (NNX).
 """
 
 from __future__ import annotations
@@ -35,22 +38,37 @@ from jaxcompress.export.encodings import (
     register_encoder,
 )
 from jaxcompress.export.files import SavedFile, load, read_manifest, save
-from jaxcompress.export.inference import compressed_dense, int8_matmul, serving_params
+from jaxcompress.export.inference import (
+    CodebookKernel,
+    IntKernel,
+    LowRankKernel,
+    compressed_dense,
+    compressed_matmul,
+    int8_matmul,
+    serving_kernel,
+    serving_params,
+)
+from jaxcompress.export.nnx_inference import CompressedLinear, serving_nnx
 
 __all__ = [
     "Artifact",
     "Clustered",
+    "CodebookKernel",
+    "CompressedLinear",
     "EncodeContext",
     "EncodedLeaf",
     "Encoding",
     "FORMAT_VERSION",
     "Factorized",
+    "IntKernel",
     "LeafRecord",
+    "LowRankKernel",
     "Plain",
     "Quantized",
     "SavedFile",
     "check",
     "compressed_dense",
+    "compressed_matmul",
     "decode",
     "export",
     "int8_matmul",
@@ -58,5 +76,7 @@ __all__ = [
     "read_manifest",
     "register_encoder",
     "save",
+    "serving_kernel",
+    "serving_nnx",
     "serving_params",
 ]
