@@ -9,11 +9,16 @@ SparseGPT papers. Calibration sequences are random windows of the training
 text (``numpy.random.default_rng(1)``); perplexity is measured on the
 validation files (``tiny_lm.VALID_MODULES``).
 
-Methods (keys of ``ppl`` and ``seconds``):
+Methods (keys of ``ppl``, ``seconds`` (wall clock) and ``cpu_seconds`` (the
+process's CPU time, all threads: on a shared machine the steadier figure);
+times exclude the perplexity evaluation):
 
 - ``float``: the trained model.
 - ``w4_rtn``, ``w3_rtn``: round to nearest, asymmetric, one scale and zero
   point per group of ``group_size`` input rows (``jc.quant.quantize_params``).
+  The group size is 128 for the full model: with ``d_model = 128`` that is
+  one group per output for ``q``, ``k``, ``v``, ``o``, ``up`` and four for
+  ``down`` (input 512); 32 for the quick model (``d_model = 64``).
 - ``w4_gptq``, ``w3_gptq``: GPTQ (``jc.quant.gptq``), same format, 1%
   dampening.
 - ``w4_awq``, ``w3_awq``: AWQ (``jc.oneshot.awq``), same format, a grid of 20
@@ -24,7 +29,8 @@ Methods (keys of ``ppl`` and ``seconds``):
   (per token), ``jc.oneshot.w8a8_matmul``; ``w8a8_smoothquant``: the same
   after SmoothQuant (alpha 0.5) from the float model's activations.
 - ``s50_*`` (50% unstructured) and ``nm24_*`` (2:4): ``magnitude`` (no
-  data), ``wanda`` and ``sparsegpt`` of ``jc.oneshot``.
+  data; one threshold per kernel), ``wanda`` (scores compared within each
+  output) and ``sparsegpt`` of ``jc.oneshot``.
 - ``lowrank50``: each kernel ``(in, out)`` replaced by its truncated SVD of
   rank ``floor(in * out / (2 * (in + out)))`` (at most half its parameters),
   ``jc.lowrank.svd``; ``lowrank50_kd``: then the factors trained to match the
@@ -40,9 +46,16 @@ of perplexity over float is at most half of RTN's, at 4 and 3 bits;
 SparseGPT's and Wanda's each at most half of magnitude's, at 50% and at 2:4;
 distillation recovers at least half of the low-rank increase.
 
-Run: ``python benchmarks/lm_oneshot.py`` (``--quick``: the tiny model, 32
-calibration sequences; ``--ckpt DIR``: the checkpoint folder). The last line
-printed is one JSON object.
+``diagnostics.input_norm_max_over_median``: over the block layers' float
+calibration inputs, the largest input-feature L2 norm over the median one
+(the median and the largest over layers). Wanda, AWQ and SmoothQuant gain
+from the few outlier features of large language models (norms about 100x the
+median); a small model without them gives those methods little to work with.
+
+Run: ``python benchmarks/lm_oneshot.py`` (``--quick``: the tiny model, 16
+calibration sequences; ``--ckpt DIR``: the checkpoint folder; ``--only NAME
+...``: some methods, without targets). The last line printed is one JSON
+object; a line per method goes to stderr.
 """
 
 from __future__ import annotations
@@ -71,8 +84,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples")
 import tiny_lm  # noqa: E402
 
 KERNELS = r"blocks/\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"
+# Calibration sequences (and per batch), validation windows, the quantization
+# group size (it divides every kernel's input size), distillation steps and batch.
 SETTINGS = {
-    # calibration sequences, eval windows, group size, distillation steps
     "full": dict(calib=256, calib_batch=32, eval_windows=512, group_size=128, kd_steps=100, kd_batch=32),
     "quick": dict(calib=16, calib_batch=16, eval_windows=64, group_size=32, kd_steps=20, kd_batch=16),
 }
@@ -127,15 +141,16 @@ class W8A8Linear(nnx.Module):
 
 
 def w8a8_model(model: tiny_lm.TinyLM, smoothed: dict | None = None) -> tiny_lm.TinyLM:
+  """A clone of ``model`` whose block Linears run as ``W8A8Linear``: with their own
+  kernels, or with SmoothQuant's ``{path: (kernel, input_scale)}``."""
   clone = nnx.clone(model)
   for i, block in enumerate(clone.blocks):
-    for holder, names in ((block.attn, "qkvo"), (block.mlp, ("up", "down"))):
+    for part, names in (("attn", ("q", "k", "v", "o")), ("mlp", ("up", "down"))):
+      holder = getattr(block, part)
       for name in names:
         layer = getattr(holder, name)
-        path = f"blocks/{i}/{'attn' if holder is block.attn else 'mlp'}/{name}/kernel"
-        kernel, scale = layer.kernel[...], None
-        if smoothed is not None:
-          kernel, scale = smoothed[path]
+        path = f"blocks/{i}/{part}/{name}/kernel"
+        kernel, scale = smoothed[path] if smoothed is not None else (layer.kernel[...], None)
         setattr(holder, name, W8A8Linear(kernel, layer.bias[...], scale))
   return clone
 
