@@ -24,6 +24,12 @@ seed gives the same model on one machine. Validation perplexity is
 ``exp(mean next-byte cross entropy)`` over the first ``VALID_WINDOWS``
 non-overlapping windows of the validation text.
 
+Figures (CPython 3.11.7, 2 cores of an Intel Xeon with AVX-512, CPU JAX): the
+``small`` model (0.88M parameters) reaches a validation perplexity of 4.30
+(1.46 nats, 2.1 bits per byte) after its 600 steps of 32 x 128 bytes, at
+0.38 s per step with the machine nearly idle: about 4 minutes (retraining gave
+bit-identical parameters). The ``quick`` model reaches 12.2 in about 8 s.
+
 Checkpoints are saved with Orbax under ``~/.cache/jaxcompress/tiny_lm/`` (or
 ``$XDG_CACHE_HOME``), in a folder named after the configuration and training
 settings, so a changed setting never loads a stale model.
