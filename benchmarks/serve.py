@@ -1,7 +1,7 @@
 """Serving a compressed model from its artifact: Dense layers on the stored codes vs float.
 
 A 4096x4096 Dense layer and a 4096 -> 16384 -> 4096 MLP block (Flax linen,
-ReLU) are compressed five ways, exported (``jc.export``), and run from the
+ReLU) are compressed six ways, exported (``jc.export``), and run from the
 artifact with ``jc.export.compressed_dense`` (``serving_params``: codes,
 factors and codebooks, never float weights), side by side in one process with
 the float model (medians over rounds of paired timings,
@@ -10,6 +10,8 @@ the float model (medians over rounds of paired timings,
 - ``w8``: int8 per output channel, weight-only (float activations, split into
   two int8 limbs);
 - ``w4``: int4 with one scale per group of 128 inputs, weight-only;
+- ``w4_channel``: int4 per output channel, weight-only (no target; the int4
+  unpacking without the per-group sums);
 - ``w8a8``: int8 per channel, activations quantized per row to int8, int32
   accumulation;
 - ``nm24_w8``: 2:4 pruning then int8 (the kept codes are scattered back into
@@ -62,6 +64,7 @@ def modes(cfg: dict) -> dict:
   return {
       "w8": ([q8()], "float"),
       "w4": ([jc.quant.FakeQuant(bits=4, granularity=jc.quant.PerGroup(size=cfg["group"], axis=0))], "float"),
+      "w4_channel": ([jc.quant.FakeQuant(bits=4)], "float"),
       "w8a8": ([q8()], "int8"),
       "nm24_w8": ([jc.prune.Prune(structure=jc.prune.NM(2, 4)), q8()], "float"),
       "lowrank_w8": ([jc.lowrank.svd(rank=cfg["rank"]), q8()], "float"),

@@ -117,8 +117,7 @@ class IntKernel:
 
   Example:
     >>> import numpy as np, jaxcompress as jc
-    >>> from jaxcompress.export.inference import IntKernel
-    >>> k = IntKernel.from_codes(np.array([[1, -2], [3, 4]]), np.array([[0.5, 1.0]]), bits=8)
+    >>> k = jc.export.IntKernel.from_codes(np.array([[1, -2], [3, 4]]), np.array([[0.5, 1.0]]), bits=8)
     >>> k.codes.shape, k.shape, jc.export.compressed_matmul(np.ones((1, 2)), k).tolist()
     ((2, 2), (2, 2), [[2.0, 2.0]])
   """
@@ -138,7 +137,7 @@ class IntKernel:
     """Packs ``(in, out)`` integer codes with ``(G, out)`` scales (``G = in / group``, 1 per channel).
 
     Args:
-      codes: integer codes, ``|code| <= 127`` (``-8..7`` for ``bits <= 4``).
+      codes: integer codes, ``-128..127`` (``-8..7`` for ``bits <= 4``).
       scale: float32 scales, one row per group (one row per channel).
       bits: the codes' width; 4 and fewer are packed two per byte.
       group: group size along ``in`` (``None``: one scale per output channel).
@@ -193,6 +192,12 @@ class LowRankKernel:
   Attributes:
     u: ``(in, r)``: an ``IntKernel`` or a float array.
     v: ``(r, out)``: an ``IntKernel`` or a float array.
+
+  Example:
+    >>> import numpy as np, jaxcompress as jc
+    >>> k = jc.export.LowRankKernel(np.ones((3, 1), np.float32), np.full((1, 2), 2.0, np.float32))
+    >>> k.shape, jc.export.compressed_matmul(np.ones((1, 3)), k).tolist()
+    ((3, 2), [[6.0, 6.0]])
   """
 
   u: Any
@@ -214,6 +219,13 @@ class CodebookKernel:
     codebook: ``(k + 1,)`` float32 centroids then 0, or per output channel
       ``(nb, b, k + 1)``.
     shape: ``(in, out)``.
+
+  Example:
+    >>> import numpy as np, jaxcompress as jc
+    >>> book = np.array([-0.5, 0.5, 0.0], np.float32)  # two centroids, then the zero
+    >>> k = jc.export.CodebookKernel(np.array([[[0, 1, 2], [1, 1, 0]]], np.uint8), book, (3, 2))
+    >>> k.shape  # 2 outputs, 3 inputs: output 0 is (-0.5, 0.5, 0), output 1 is (0.5, 0.5, -0.5)
+    (3, 2)
   """
 
   indices: jax.Array
@@ -350,7 +362,7 @@ def serving_kernel(leaf: _art.EncodedLeaf) -> ServedKernel | None:
     >>> t, s = spec.init({"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)})
     >>> k = jc.export.serving_kernel(jc.export.export(spec, t, s).leaves[0])
     >>> type(k).__name__, k.bits, k.codes.dtype
-    ('IntKernel', 4, dtype('int32'))
+    ('IntKernel', 4, dtype('int8'))
   """
   if not isinstance(leaf, _art.EncodedLeaf):
     raise TypeError(f"serving_kernel: expected a jc.export.EncodedLeaf, got {type(leaf).__name__}.")
@@ -580,9 +592,8 @@ def compressed_matmul(x: jax.Array, kernel: ServedKernel, *, activations: str = 
 
   Example:
     >>> import numpy as np, jaxcompress as jc
-    >>> from jaxcompress.export.inference import IntKernel
     >>> codes = np.array([[1, -2, 0], [3, 4, 5]])  # (in=2, out=3), 4-bit codes
-    >>> k = IntKernel.from_codes(codes, np.ones((1, 3)), bits=4)
+    >>> k = jc.export.IntKernel.from_codes(codes, np.ones((1, 3)), bits=4)
     >>> jc.export.compressed_matmul(np.array([[0.5, -1.0]]), k).round(3).tolist()
     [[-2.5, -5.0, -5.0]]
   """

@@ -4,7 +4,7 @@ import pytest
 
 from tests.benchmarks import load
 
-MODES = ("w8", "w4", "w8a8", "nm24_w8", "lowrank_w8")
+MODES = ("w8", "w4", "w4_channel", "w8a8", "nm24_w8", "lowrank_w8")
 
 
 @pytest.mark.slow
