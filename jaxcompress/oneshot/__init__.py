@@ -15,6 +15,10 @@ returns the compressed kernel in place of ``w``:
 - ``smoothquant(w, x, alpha=)``: move activation outliers into the weights;
   ``w8a8_matmul`` simulates the int8 layer.
 
+``sequential(model, batches, compress)`` runs any of them (or GPTQ) over a
+whole model block by block: each block's kernels are compressed from the
+inputs the already compressed blocks before it give.
+
 GPTQ is ``jc.quant.gptq``. The statistics (Hessians, norms, maxima) are
 reduced under ``jit``, so ``x`` may be sharded over its samples.
 """
@@ -22,6 +26,7 @@ reduced under ``jit``, so ``x`` may be sharded over its samples.
 from jaxcompress.oneshot.awq import AWQResult, awq
 from jaxcompress.oneshot.common import Pruned
 from jaxcompress.oneshot.prune import magnitude, wanda
+from jaxcompress.oneshot.sequential import sequential
 from jaxcompress.oneshot.smoothquant import Smoothed, smoothquant, w8a8_matmul
 from jaxcompress.oneshot.sparsegpt import sparsegpt
 
@@ -31,6 +36,7 @@ __all__ = [
     "Smoothed",
     "awq",
     "magnitude",
+    "sequential",
     "smoothquant",
     "sparsegpt",
     "w8a8_matmul",
