@@ -36,6 +36,11 @@ times exclude the perplexity evaluation):
   ``jc.lowrank.svd``; ``lowrank50_kd``: then the factors trained to match the
   float model's next-byte distribution (``jc.distill.soft_target_loss``,
   ``jc.distill.make_distill_step``) on training windows.
+- ``w4_mxfp4_gptq``, ``w4_nvfp4_gptq``: GPTQ in the block-scaled formats.
+- ``w3_gptq_lora``, ``nm24_sparsegpt_lora``: the ``w3_gptq`` and
+  ``nm24_sparsegpt`` kernels as a frozen base with rank-8 LoRA adapters
+  (``jc.lowrank.LoRA``, ``jc.lowrank.adapters_only``) trained by the same
+  distillation; their seconds include the one-shot pass.
 
 Every calibrated method runs through ``jaxcompress.oneshot.sequential``: block
 by block, each block's kernels compressed from the inputs that the already
@@ -189,6 +194,26 @@ def distill_lowrank(model, spec, train_data, steps, batch, seq_len, seed=2):
   return spec.apply(ts.trainable, ts.spec_state)
 
 
+def distill_lora(model, base, train_data, steps, batch, seq_len, rank=8, seed=3):
+  """LoRA adapters on the one-shot compressed kernels (``base``, the frozen base),
+  trained to match the float model's next-byte distribution."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  forward = lambda p, tokens: nnx.merge(graphdef, p, rest)(tokens)
+  spec = jc.Spec([jc.Rule(KERNELS, [jc.lowrank.LoRA(rank, alpha=2.0 * rank)])])
+  opt = jc.lowrank.adapters_only(optax.adam(optax.cosine_decay_schedule(1e-3, steps)))
+  ts = jc.init_train_state(spec, opt, base)
+
+  def loss_fn(student, tokens, teacher_logits, step):
+    return jc.distill.soft_target_loss(forward(student, tokens), teacher_logits).mean()
+
+  step = jc.distill.make_distill_step(loss_fn, forward, spec, opt)
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    tokens = jnp.asarray(tiny_lm.random_windows(train_data, batch, seq_len, rng))
+    ts, _ = step(ts, params, tokens)
+  return spec.apply(ts.trainable, ts.spec_state)
+
+
 # --------------------------------------------------------------------------
 # The benchmark.
 # --------------------------------------------------------------------------
@@ -252,6 +277,15 @@ def methods(model, batches, group, settings, train_data, seq_len, diagnostics):
     out[f"{key}_sparsegpt"] = lambda kw=kw: seq(lambda p, w, x: oneshot.sparsegpt(w, x, **kw, path=p).kernel)
   out["lowrank50"] = lambda: lowrank(False)
   out["lowrank50_kd"] = lambda: lowrank(True)
+  fp4_gptq = lambda dtype: seq(lambda p, w, x: deq(jc.quant.gptq(w, x, dtype=dtype, path=p)))
+  out["w4_mxfp4_gptq"] = lambda: fp4_gptq("mxfp4")
+  out["w4_nvfp4_gptq"] = lambda: fp4_gptq("nvfp4")
+  # Recovery with adapters: the one-shot result is the frozen base (its seconds
+  # include the one-shot pass); the merged 2:4 result is no longer sparse.
+  lora = lambda base: distill_lora(model, base, train_data, settings["kd_steps"], settings["kd_batch"], seq_len)
+  out["w3_gptq_lora"] = lambda: lora(gptq(3))
+  out["nm24_sparsegpt_lora"] = lambda: lora(
+      seq(lambda p, w, x: oneshot.sparsegpt(w, x, n_m=(2, 4), path=p).kernel))
   return out
 
 
@@ -275,6 +309,8 @@ def targets(ppl: dict) -> dict:
     for m in ("sparsegpt", "wanda"):
       t[f"{key}_{m}_le_half_magnitude"] = increase(ppl, f"{key}_{m}") <= 0.5 * increase(ppl, f"{key}_magnitude")
   t["kd_recovers_half_lowrank"] = increase(ppl, "lowrank50_kd") <= 0.5 * increase(ppl, "lowrank50")
+  for k in ("w3_gptq", "nm24_sparsegpt"):
+    t[f"{k}_lora_recovers"] = increase(ppl, f"{k}_lora") < increase(ppl, k)
   return t
 
 

@@ -103,12 +103,14 @@ def test_quick_benchmark_json_and_robust_orderings(tmp_path):
       "float", "w4_rtn", "w4_gptq", "w4_awq", "w3_rtn", "w3_gptq", "w3_awq", "w4_mxfp4", "w4_nvfp4",
       "w8a8_naive", "w8a8_smoothquant", "s50_magnitude", "s50_wanda", "s50_sparsegpt",
       "nm24_magnitude", "nm24_wanda", "nm24_sparsegpt", "lowrank50", "lowrank50_kd",
+      "w4_mxfp4_gptq", "w4_nvfp4_gptq", "w3_gptq_lora", "nm24_sparsegpt_lora",
   }
   assert set(out["ppl"]) == keys and set(out["seconds"]) == keys
   assert set(out["targets"]) == {
       "w4_gptq_le_half_rtn", "w3_gptq_le_half_rtn", "s50_sparsegpt_le_half_magnitude",
       "s50_wanda_le_half_magnitude", "nm24_sparsegpt_le_half_magnitude",
       "nm24_wanda_le_half_magnitude", "kd_recovers_half_lowrank",
+      "w3_gptq_lora_recovers", "nm24_sparsegpt_lora_recovers",
   }
   assert all(isinstance(v, bool) for v in out["targets"].values())
   ppl = out["ppl"]
@@ -121,6 +123,7 @@ def test_quick_benchmark_json_and_robust_orderings(tmp_path):
   assert up("nm24_sparsegpt") < 0.5 * up("nm24_magnitude")
   assert 0 < up("lowrank50_kd") < 0.5 * up("lowrank50")
   assert abs(up("w8a8_naive")) < 0.02 * ppl["float"]
+  assert up("nm24_sparsegpt_lora") < up("nm24_sparsegpt")
 
 
 @pytest.mark.slow
