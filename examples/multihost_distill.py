@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def launch(processes: int, devices: int, timeout: float) -> int:
     port = s.getsockname()[1]
   workdir = tempfile.mkdtemp(prefix="multihost_distill_")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   procs = [
       subprocess.Popen(
           [sys.executable, __file__, f"--process-id={i}", f"--processes={processes}",
