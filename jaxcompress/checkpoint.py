@@ -56,11 +56,10 @@ def _plain(x: Any) -> str:
   """
   if x is None or isinstance(x, (bool, int, float, str)):
     return repr(x)
-  if isinstance(x, (tuple, list)):
-    inner = ", ".join(_plain(v) for v in x)
-    return f"({inner},)" if isinstance(x, tuple) and len(x) == 1 else (
-        f"({inner})" if isinstance(x, tuple) else f"[{inner}]"
-    )
+  if isinstance(x, tuple):
+    return "(" + ", ".join(_plain(v) for v in x) + ("," if len(x) == 1 else "") + ")"
+  if isinstance(x, list):
+    return "[" + ", ".join(_plain(v) for v in x) + "]"
   return type(x).__name__
 
 
@@ -75,7 +74,7 @@ def _kind(node: Any, treedef: Any) -> str:
   if typ is type(None):
     return "None"
   kind = typ.__name__
-  if dataclasses.is_dataclass(typ) and aux is not None:
+  if dataclasses.is_dataclass(typ) and aux is not None:  # its static fields
     kind += _plain(tuple(aux)) if isinstance(aux, (tuple, list)) else f"({_plain(aux)})"
   return kind
 
@@ -85,17 +84,14 @@ def _entries(tree: PyTree) -> list[tuple[str, str]]:
   out: list[tuple[str, str]] = []
 
   def walk(node: Any, keys: tuple[Any, ...]) -> None:
+    # One level: the node's children (None, an empty dict: no children).
     children, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
-    path = jax.tree_util.keystr(keys, simple=True, separator="/")
-    if treedef.node_data() is None and treedef.num_leaves == 1:  # a leaf
-      out.append((path, _kind(node, treedef)))
-      return
-    out.append((path, _kind(node, treedef)))
-    for key, child in children:
-      walk(child, keys + tuple(key))
+    out.append((jax.tree_util.keystr(keys, simple=True, separator="/"), _kind(node, treedef)))
+    if treedef.node_data() is not None:
+      for key, child in children:
+        walk(child, keys + tuple(key))
 
   walk(tree, ())
-  # Leaves that are None (absent optional state) are nodes with no children.
   return out
 
 
