@@ -75,16 +75,20 @@ def _count_at_least(
 ) -> list[jax.Array]:
   """Per row, how many valid keys are ``>=`` each candidate ``(rows, 1)``, over all arrays.
 
-  One variadic reduce over the columns of each array (XLA:CPU runs it several
-  times faster than separate reductions or a scatter-add histogram).
+  One variadic reduce over every axis but the first of each array (XLA:CPU
+  runs it several times faster than separate reductions or a scatter-add
+  histogram). The arrays keep their own shapes (``(rows, *shape)``): a sharded
+  leaf is counted where it lies, with no gather.
   """
   totals = None
   for i, ks in enumerate(keys):
+    cs = [c.reshape(c.shape[:1] + (1,) * (ks.ndim - 1)) for c in cands]
     ops = tuple(
-        ((ks >= c) if valid is None else ((ks >= c) & valid[i])).astype(jnp.int32) for c in cands
+        ((ks >= c) if valid is None else ((ks >= c) & valid[i])).astype(jnp.int32) for c in cs
     )
     counts = jax.lax.reduce(
-        ops, (jnp.int32(0),) * len(ops), lambda x, y: tuple(u + v for u, v in zip(x, y)), (1,)
+        ops, (jnp.int32(0),) * len(ops), lambda x, y: tuple(u + v for u, v in zip(x, y)),
+        tuple(range(1, ks.ndim)),
     )
     totals = list(counts) if totals is None else [t + c for t, c in zip(totals, counts)]
   return totals
@@ -135,9 +139,9 @@ def _kth_largest(
   full = n_bits // _DIGIT_BITS
   if band is None:
     if valid is None:
-      at_least = jnp.full((rows,), sum(int(ks.shape[1]) for ks in keys), jnp.int32)
+      at_least = jnp.full((rows,), sum(int(np.prod(ks.shape[1:])) for ks in keys), jnp.int32)
     else:
-      at_least = sum(jnp.sum(v, axis=1, dtype=jnp.int32) for v in valid)
+      at_least = sum(jnp.sum(v, axis=tuple(range(1, v.ndim)), dtype=jnp.int32) for v in valid)
     # Start: the range [0, 2**n_bits) holds every key, none is at least its end.
     state = (jnp.zeros((rows,), jnp.uint32), at_least, jnp.zeros((rows,), jnp.int32))
     if n_bits % _DIGIT_BITS:  # a first, narrower pass
@@ -173,24 +177,26 @@ def _select(
   rows = bits[0].shape[0]
   need = jnp.broadcast_to(jnp.maximum(k, 1), (rows,)).astype(jnp.int32)
   t, at_least, above = _kth_largest(bits, need, 32, band=band)
-  t = t[:, None]  # the k-th largest of each row
+  per_row = lambda x, b: x.reshape((rows,) + (1,) * (b.ndim - 1))
   need = need - above  # of the at_least - above entries equal to t, the row keeps need
 
   def keep_all_ties(_):
-    return [b >= t for b in bits]
+    return [b >= per_row(t, b) for b in bits]
 
   def keep_first_ties(_):
     # The need-th largest reversed index among the ties: the need-th tie from the left.
-    total = sum(int(b.shape[1]) for b in bits)
+    total = sum(int(np.prod(b.shape[1:])) for b in bits)
     eqs, flipped, offset = [], [], 0
     for b in bits:
-      n = int(b.shape[1])
-      rev = jnp.arange(total - 1 - offset, total - 1 - offset - n, -1, dtype=jnp.uint32)
-      flipped.append(jnp.broadcast_to(rev, b.shape))
-      eqs.append(b == t)
-      offset += n
+      index = jnp.zeros(b.shape, jnp.uint32)  # the row-major flat index within a row
+      for ax in range(1, b.ndim):
+        stride = int(np.prod(b.shape[ax + 1 :]))
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, b.shape, ax) * jnp.uint32(stride)
+      flipped.append(jnp.uint32(total - 1 - offset) - index)
+      eqs.append(b == per_row(t, b))
+      offset += int(np.prod(b.shape[1:]))
     c, _, _ = _kth_largest(flipped, need, max(total - 1, 1).bit_length(), eqs)
-    return [(b > t) | (eq & (f >= c[:, None])) for b, eq, f in zip(bits, eqs, flipped)]
+    return [(b > per_row(t, b)) | (eq & (f >= per_row(c, b))) for b, eq, f in zip(bits, eqs, flipped)]
 
   masks = jax.lax.cond(jnp.all(need == at_least - above), keep_all_ties, keep_first_ties, None)
   return [m & (k > 0) for m in masks]
@@ -286,12 +292,12 @@ def topk_masks(
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
   # Empty arrays take no part in the select.
   live = [i for i, b in enumerate(bits) if b.size]
-  flat = [bits[i].reshape(1, -1) for i in live]
+  flat = [bits[i][None] for i in live]
 
   def select(band=None):
     masks = [jnp.zeros(b.shape, jnp.bool_) for b in bits]
     for i, m in zip(live, _select(flat, k, band)):
-      masks[i] = m.reshape(bits[i].shape)
+      masks[i] = m[0]
     return masks
 
   if previous is None:
