@@ -102,6 +102,7 @@ def test_magnitude_kernel_checks_and_result_type():
   assert oneshot.AWQResult._fields == ("kernel", "input_scale", "quantized")
   assert oneshot.Smoothed._fields == ("kernel", "input_scale")
   assert sorted(oneshot.__all__) == sorted(
-      ["AWQResult", "Pruned", "Smoothed", "awq", "magnitude", "smoothquant", "sparsegpt", "w8a8_matmul", "wanda"]
+      ["AWQResult", "Pruned", "Smoothed", "awq", "magnitude", "sequential", "smoothquant", "sparsegpt",
+       "w8a8_matmul", "wanda"]
   )
   np.testing.assert_array_equal(W, np.ones((16, 4)))  # nothing was changed in place
