@@ -17,7 +17,7 @@ def test_distilled_student_beats_labels_only_at_equal_steps(tmp_path, monkeypatc
   out = lm_distill.run(quick=True)
   assert out["teacher_trained_here"]
   assert len(out["ppl_labels"]) == len(out["ppl_kd"]) == 3
-  assert out["student_params"] < out["teacher_params"] / 3
+  assert out["student_params"] < out["teacher_params"] / 2
   # The teacher is better than either student; distillation beats labels on average.
   assert out["teacher_ppl"] < min(out["ppl_kd"] + out["ppl_labels"])
   assert out["mean_ppl_kd"] < out["mean_ppl_labels"], out
