@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcompress.core.modules import get_child, key_of, set_child
 from jaxcompress.export import artifact as _art
 from jaxcompress.export import inference as _inf
 
@@ -102,24 +103,6 @@ class CompressedLinear(nnx.Module):
     return y
 
 
-def _key(entry: Any) -> Any:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return getattr(entry, attr)
-  raise TypeError(f"serving_nnx: unsupported key path entry {entry!r}.")
-
-
-def _get(obj: Any, key: Any) -> Any:
-  return getattr(obj, key) if isinstance(key, str) else obj[key]
-
-
-def _set(obj: Any, key: Any, value: Any) -> None:
-  if isinstance(key, str):
-    setattr(obj, key, value)
-  else:
-    obj[key] = value
-
-
 def serving_nnx(model: nnx.Module, artifact: _art.Artifact, *, activations: str = "float") -> nnx.Module:
   """A copy of an NNX model whose ``nnx.Linear`` layers compute from the artifact's codes.
 
@@ -159,15 +142,15 @@ def serving_nnx(model: nnx.Module, artifact: _art.Artifact, *, activations: str 
   for kp, leaf in flat:
     if not isinstance(leaf, _art.EncodedLeaf):
       raise TypeError(f"serving_nnx: the artifact's tree holds a {type(leaf).__name__}, not stored leaves.")
-    keys = [_key(e) for e in kp]
+    keys = [key_of(e) for e in kp]
     if keys and keys[-1] == "value":
       keys = keys[:-1]
     where = "/".join(map(str, keys))
     try:
       parent = new
       for k in keys[:-1]:
-        parent = _get(parent, k)
-      var = _get(parent, keys[-1])
+        parent = get_child(parent, k)
+      var = get_child(parent, keys[-1])
     except (AttributeError, KeyError, IndexError, TypeError):
       var = None
     if not isinstance(var, nnx.Variable):
@@ -195,6 +178,6 @@ def serving_nnx(model: nnx.Module, artifact: _art.Artifact, *, activations: str 
       return layer  # the model is the Linear itself
     grand = new
     for k in keys[:-1]:
-      grand = _get(grand, k)
-    _set(grand, keys[-1], layer)
+      grand = get_child(grand, k)
+    set_child(grand, keys[-1], layer, "/".join(map(str, keys)))
   return new

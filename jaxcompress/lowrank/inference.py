@@ -30,6 +30,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from jax import lax
 
+from jaxcompress.core.modules import get_child, key_of, set_child
 from jaxcompress.core.spec import Compressed, LeafState, Spec
 from jaxcompress.core.stage import materialize
 from jaxcompress.lowrank.factors import Factors
@@ -256,24 +257,6 @@ class LowRankLinear(nnx.Module):
     return y
 
 
-def _key(entry: Any) -> Any:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return getattr(entry, attr)
-  raise TypeError(f"Unsupported key path entry {entry!r}.")
-
-
-def _get(obj: Any, key: Any) -> Any:
-  return getattr(obj, key) if isinstance(key, str) else obj[key]
-
-
-def _set(obj: Any, key: Any, value: Any) -> None:
-  if isinstance(key, str):
-    setattr(obj, key, value)
-  else:
-    obj[key] = value
-
-
 def factorize_nnx(model: nnx.Module, spec: Spec, trainable: PyTree, state: PyTree) -> nnx.Module:
   """A copy of an NNX model with the spec applied and factorized ``Linear`` layers swapped.
 
@@ -304,12 +287,12 @@ def factorize_nnx(model: nnx.Module, spec: Spec, trainable: PyTree, state: PyTre
   values, _ = _leaf_values(spec, trainable, state)
   new = nnx.clone(model)
   for kp, value, is_dense in values:
-    keys = [_key(e) for e in kp]
+    keys = [key_of(e) for e in kp]
     if keys and keys[-1] == "value":
       keys = keys[:-1]
     parent = new
     for k in keys[:-1]:
-      parent = _get(parent, k)
+      parent = get_child(parent, k)
     if is_dense and keys[-1] == "kernel" and isinstance(parent, nnx.Linear):
       layer = LowRankLinear.from_linear(parent, value.u, value.v)
       if len(keys) == 1:
@@ -317,10 +300,10 @@ def factorize_nnx(model: nnx.Module, spec: Spec, trainable: PyTree, state: PyTre
         continue
       grand = new
       for k in keys[:-2]:
-        grand = _get(grand, k)
-      _set(grand, keys[-2], layer)
+        grand = get_child(grand, k)
+      set_child(grand, keys[-2], layer, "/".join(map(str, keys)))
       continue
-    var = _get(parent, keys[-1])
+    var = get_child(parent, keys[-1])
     if isinstance(value, Factors):
       value = value.materialize()
     if isinstance(var, nnx.Variable):

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxcompress.core.modules import children, set_child
 from jaxcompress.core.paths import path_str
 from jaxcompress.core.spec import check_pattern, matches
 
@@ -97,26 +98,6 @@ def _run_nnx(graphdef, state, x, capture):
   return y, seen
 
 
-def _children(holder: Any) -> list[tuple[Any, Any]]:
-  if isinstance(holder, (nnx.List, list, tuple)):
-    return list(enumerate(holder))
-  if isinstance(holder, (nnx.Dict, dict)):
-    return list(holder.items())
-  return list(vars(holder).items())
-
-
-def _set_child(holder: Any, key: Any, value: Any, path: str) -> None:
-  if isinstance(holder, tuple):
-    raise ValueError(
-        f"sequential: layer {path!r} is held in a tuple, which cannot be changed in a clone; "
-        "hold layers in an nnx.List (or a list)."
-    )
-  if isinstance(holder, (nnx.List, list, nnx.Dict, dict)):
-    holder[key] = value
-  else:
-    setattr(holder, key, value)
-
-
 class _NNXBlock:
   """One NNX block: a clone whose selected Linears are tapped."""
 
@@ -127,7 +108,7 @@ class _NNXBlock:
     places = [(None, None, clone, "")] if isinstance(clone, nnx.Linear) else []
     for hpath, holder in nnx.iter_graph(clone):
       if isinstance(holder, (nnx.Pytree, list, dict, tuple)):
-        for key, child in _children(holder):
+        for key, child in children(holder):
           if isinstance(child, nnx.Linear):
             places.append((holder, key, child, _module_path((*hpath, key))))
     places.sort(key=lambda p: p[3])
@@ -139,7 +120,7 @@ class _NNXBlock:
       if id(layer) not in taps and matches(pattern, full, layer):
         taps[id(layer)] = self.taps[rel] = _Tap(layer)
       if id(layer) in taps and holder is not None:
-        _set_child(holder, key, taps[id(layer)], full)
+        set_child(holder, key, taps[id(layer)], full)
     self.module = taps.get(id(clone), clone)
 
   def run(self, x: Array, capture: bool) -> tuple[Array, dict[str, Array]]:

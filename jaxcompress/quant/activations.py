@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcompress.core.checks import is_int
+from jaxcompress.core.modules import children, set_child
 from jaxcompress.core.paths import path_str
 from jaxcompress.core.spec import check_pattern, matches
 from jaxcompress.quant import calibration, numerics
@@ -502,7 +503,7 @@ def quantize_nnx_inputs(model: nnx.Module, rules: Sequence[InputRule] | InputRul
   places = [(None, None, clone, ())] if isinstance(clone, _NNX_TYPES) else []
   for hpath, holder in nnx.iter_graph(clone):
     if isinstance(holder, (nnx.Pytree, list, dict, tuple)):
-      places += [(holder, k, c, (*hpath, k)) for k, c in _children(holder) if isinstance(c, _NNX_TYPES)]
+      places += [(holder, k, c, (*hpath, k)) for k, c in children(holder) if isinstance(c, _NNX_TYPES)]
   places.sort(key=lambda p: _module_path(p[3]))
   paths = sorted({_module_path(p[3]) for p in places})
   # A layer takes the first rule that matches any of its paths.
@@ -524,25 +525,7 @@ def quantize_nnx_inputs(model: nnx.Module, rules: Sequence[InputRule] | InputRul
       wrappers[id(layer)] = QuantizedInput(layer, rules[idx], first_path)
     if holder is None:
       return wrappers[id(layer)]
-    _set_child(holder, key, wrappers[id(layer)], path)
+    set_child(holder, key, wrappers[id(layer)], _module_path(path))
   return clone
 
 
-def _children(holder: Any) -> list[tuple[Any, Any]]:
-  if isinstance(holder, (nnx.List, list, tuple)):
-    return list(enumerate(holder))
-  if isinstance(holder, (nnx.Dict, dict)):
-    return list(holder.items())
-  return list(vars(holder).items())
-
-
-def _set_child(holder: Any, key: Any, value: Any, path: tuple) -> None:
-  if isinstance(holder, tuple):
-    raise ValueError(
-        f"Layer {_module_path(path)!r} is held in a tuple, which cannot be changed in place. Hold "
-        "layers in an nnx.List (or a list) to quantize their inputs."
-    )
-  if isinstance(holder, (nnx.List, list, nnx.Dict, dict)):
-    holder[key] = value
-  else:
-    setattr(holder, key, value)
