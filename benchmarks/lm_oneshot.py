@@ -176,12 +176,12 @@ def lowrank_spec(model: tiny_lm.TinyLM) -> jc.Spec:
   return jc.Spec([jc.Rule(KERNELS, [jc.lowrank.svd(rank=ranks)])])
 
 
-def distill_lowrank(model, spec, train_data, steps, batch, seq_len, seed=2):
-  """Trains the low-rank factors to match the float model's next-byte distribution."""
+def distill(model, spec, opt, start, train_data, steps, batch, seq_len, seed):
+  """Trains ``spec``'s trainables (from the params ``start``) to match the float
+  model's next-byte distribution; returns the params the model sees."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   forward = lambda p, tokens: nnx.merge(graphdef, p, rest)(tokens)
-  opt = optax.adam(optax.cosine_decay_schedule(1e-3, steps))
-  ts = jc.init_train_state(spec, opt, params)
+  ts = jc.init_train_state(spec, opt, start)
 
   def loss_fn(student, tokens, teacher_logits, step):
     return jc.distill.soft_target_loss(forward(student, tokens), teacher_logits).mean()
@@ -192,26 +192,20 @@ def distill_lowrank(model, spec, train_data, steps, batch, seq_len, seed=2):
     tokens = jnp.asarray(tiny_lm.random_windows(train_data, batch, seq_len, rng))
     ts, _ = step(ts, params, tokens)
   return spec.apply(ts.trainable, ts.spec_state)
+
+
+def distill_lowrank(model, spec, train_data, steps, batch, seq_len, seed=2):
+  """The low-rank factors trained by distillation from the float model."""
+  opt = optax.adam(optax.cosine_decay_schedule(1e-3, steps))
+  return distill(model, spec, opt, params_of(model), train_data, steps, batch, seq_len, seed)
 
 
 def distill_lora(model, base, train_data, steps, batch, seq_len, rank=8, seed=3):
   """LoRA adapters on the one-shot compressed kernels (``base``, the frozen base),
-  trained to match the float model's next-byte distribution."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  forward = lambda p, tokens: nnx.merge(graphdef, p, rest)(tokens)
+  trained by distillation from the float model."""
   spec = jc.Spec([jc.Rule(KERNELS, [jc.lowrank.LoRA(rank, alpha=2.0 * rank)])])
   opt = jc.lowrank.adapters_only(optax.adam(optax.cosine_decay_schedule(1e-3, steps)))
-  ts = jc.init_train_state(spec, opt, base)
-
-  def loss_fn(student, tokens, teacher_logits, step):
-    return jc.distill.soft_target_loss(forward(student, tokens), teacher_logits).mean()
-
-  step = jc.distill.make_distill_step(loss_fn, forward, spec, opt)
-  rng = np.random.default_rng(seed)
-  for _ in range(steps):
-    tokens = jnp.asarray(tiny_lm.random_windows(train_data, batch, seq_len, rng))
-    ts, _ = step(ts, params, tokens)
-  return spec.apply(ts.trainable, ts.spec_state)
+  return distill(model, spec, opt, base, train_data, steps, batch, seq_len, seed)
 
 
 # --------------------------------------------------------------------------
