@@ -58,6 +58,11 @@ class Reader:
     self._next += 1
     return np.asarray(self._buffers[self._next - 1], np.uint8)
 
+  @property
+  def position(self) -> int:
+    """How many buffers were handed out."""
+    return self._next
+
   def done(self) -> None:
     if self._next != len(self._buffers):
       raise ValueError(f"the leaf has {len(self._buffers) - self._next} buffers its encoding does not use.")

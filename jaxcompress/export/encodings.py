@@ -383,6 +383,108 @@ def quantized_parts(desc: str, buffers: list[np.ndarray], shape: tuple[int, ...]
   return codes, scale, fmt, gran
 
 
+class FactorPart(NamedTuple):
+  """One factor of a low-rank leaf: its shape, its own descriptor and its buffers."""
+
+  shape: tuple[int, ...]
+  encoding: str
+  buffers: list[np.ndarray]
+
+
+def factor_parts(desc: str, buffers: list[np.ndarray], dtype: str) -> tuple[str, list[FactorPart]] | None:
+  """``(kind, parts)`` of a low-rank leaf (``svd`` or ``tucker2``), else ``None``.
+
+  Each part is a ``FactorPart`` that ``decode`` (or ``quantized_parts``)
+  reads on its own: the factor's shape, its descriptor and the buffers it
+  uses, in the order of ``Factorized.parts``.
+
+  Args:
+    desc: the leaf's descriptor (the manifest's ``encoding``).
+    buffers: the leaf's buffers, in order.
+    dtype: the leaf's dtype name.
+
+  Returns:
+    ``("svd", [u, v])``, ``("tucker2", [core, u_in, u_out])`` or ``None``
+    for a leaf of another encoding.
+
+  Raises:
+    ValueError: a descriptor or buffers that do not fit each other.
+
+  Example:
+    >>> import jax, jaxcompress as jc
+    >>> from jaxcompress.export.encodings import factor_parts
+    >>> spec = jc.Spec([jc.Rule("w", [jc.lowrank.svd(rank=2), jc.quant.FakeQuant(bits=8)])])
+    >>> t, s = spec.init({"w": jax.random.normal(jax.random.key(0), (8, 6))})
+    >>> leaf = jc.export.export(spec, t, s).leaves[0]
+    >>> kind, parts = factor_parts(leaf.record.encoding, leaf.buffers, "float32")
+    >>> kind, [p.shape for p in parts], parts[0].encoding.split()[0]
+    ('svd', [(8, 2), (2, 6)], 'int8')
+  """
+  head = desc.partition(" ")[0]
+  kind = head.split("[")[0]
+  if kind not in _FACTOR_PARTS or not head.startswith(kind + "["):
+    return None
+  reader = _arrays.Reader(buffers)
+  out = []
+  for part in _split_parts(desc):
+    dims, _, sub = part.partition(" ")
+    shape = tuple(int(d) for d in dims.split("x"))
+    start = reader.position
+    _decode(sub, reader, shape, _arrays.np_dtype(dtype))
+    out.append(FactorPart(shape, sub, list(buffers[start:reader.position])))
+  reader.done()
+  if len(out) != len(_FACTOR_PARTS[kind]):
+    raise ValueError(f"{kind} needs {len(_FACTOR_PARTS[kind])} factors, got {len(out)}.")
+  return kind, out
+
+
+def codebook_parts(desc: str, buffers: list[np.ndarray], shape: tuple[int, ...]):
+  """``(codebook, indices, axis)`` of a clustered leaf, else ``None``.
+
+  For compressed inference: the centroids and the centroid index of every
+  entry, as numpy arrays, without building the float leaf.
+
+  Args:
+    desc: the leaf's descriptor (the manifest's ``encoding``).
+    buffers: the leaf's buffers, in order.
+    shape: the leaf's shape.
+
+  Returns:
+    ``codebook``: ``(k,)``, or ``(shape[axis], k)`` with a codebook per
+    channel; ``indices``: integers of ``shape``, ``-1`` where the entry is
+    zero; ``axis``: the channel axis or ``None``. ``None`` for a leaf of
+    another encoding.
+
+  Raises:
+    ValueError: a descriptor or buffers that do not fit each other, or an
+      index outside the codebook.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> from jaxcompress.export.encodings import codebook_parts
+    >>> spec = jc.Spec([jc.Rule("w", [jc.cluster.kmeans(bits=1)])])
+    >>> t, s = spec.init({"w": jnp.array([[-1.0, 0.0], [1.0, -1.0]])})
+    >>> leaf = jc.export.export(spec, t, s).leaves[0]
+    >>> book, idx, axis = codebook_parts(leaf.record.encoding, leaf.buffers, (2, 2))
+    >>> book.tolist(), idx.tolist(), axis
+    ([-1.0, 1.0], [[0, -1], [1, 0]], None)
+  """
+  head, _, rest = desc.partition(" ")
+  m = _CODEBOOK.match(head)
+  if m is None:
+    return None
+  k = int(m.group(1))
+  axis = None if m.group(2) is None else int(m.group(2))
+  reader = _arrays.Reader(buffers)
+  book_desc, _, rest = rest.partition(" ")
+  codebook = _arrays.load(book_desc, reader, (k,) if axis is None else (shape[axis], k))
+  indices = _arrays.load(rest, reader, tuple(shape), fill=-1)
+  reader.done()
+  if indices.size and (indices.max() >= k or indices.min() < -1):
+    raise ValueError(f"a cluster index lies outside the codebook of {k} entries.")
+  return codebook, indices, axis
+
+
 def _decode(desc: str, bufs: _arrays.Reader, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
   head, _, rest = desc.partition(" ")
   if head == "plain":

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from typing import Any, Iterator, Union
 
 import flax.linen as nn
@@ -281,57 +280,21 @@ def _int_kernel(desc: str, buffers: list[np.ndarray], shape: tuple[int, ...]) ->
   return IntKernel.from_codes(codes, scale, bits=8 if fmt.bits > 4 else 4, group=group)
 
 
-def _split_factors(desc: str) -> list[tuple[tuple[int, ...], str]]:
-  """``svd[16x4 <desc>][4x32 <desc>]`` -> ``[((16, 4), desc), ((4, 32), desc)]``."""
-  parts, depth, start = [], 0, 0
-  for i, c in enumerate(desc):
-    if c == "[":
-      depth += 1
-      if depth == 1:
-        start = i + 1
-    elif c == "]":
-      depth -= 1
-      if depth == 0:
-        dims, _, sub = desc[start:i].partition(" ")
-        parts.append((tuple(int(d) for d in dims.split("x")), sub))
-  return parts
-
-
-def _take_buffers(desc: str, buffers: list[np.ndarray], shape: tuple[int, ...], dtype: str):
-  """``(value, buffers used)`` of the first part of a factor list: the fewest buffers that decode."""
-  for n in range(len(buffers) + 1):
-    try:
-      return _enc.decode(desc, buffers[:n], shape, dtype), n
-    except (ValueError, IndexError):
-      continue
-  raise ValueError(f"the factor {desc!r} does not decode from the leaf's buffers.")
-
-
-def _factor(desc: str, buffers: list[np.ndarray], shape: tuple[int, ...], dtype: str):
-  """``(IntKernel or float array, buffers used)`` of one factor."""
-  value, n = _take_buffers(desc, buffers, shape, dtype)
-  k = _int_kernel(desc, buffers[:n], shape) if len(shape) == 2 else None
-  return (value if k is None else k), n
-
-
-_CODEBOOK = re.compile(r"codebook(\d+)(?:@(\d+))?$")
+def _factor(part: _enc.FactorPart, dtype: str) -> Any:
+  """An ``IntKernel`` of one factor of a low-rank leaf, or its float value."""
+  k = _int_kernel(part.encoding, part.buffers, part.shape) if len(part.shape) == 2 else None
+  return _enc.decode(part.encoding, part.buffers, part.shape, dtype) if k is None else k
 
 
 def _codebook_kernel(desc: str, buffers: list[np.ndarray], shape: tuple[int, int], dtype: str) -> CodebookKernel | None:
-  head, _, rest = desc.partition(" ")
-  m = _CODEBOOK.match(head)
-  if m is None or dtype != "float32":
+  parts = _enc.codebook_parts(desc, buffers, shape)
+  if parts is None or dtype != "float32":
     return None
-  k = int(m.group(1))
-  axis = None if m.group(2) is None else int(m.group(2))
+  book, idx, axis = parts
   if axis not in (None, 1):
     return None  # a codebook per input row: decoded to floats
+  k = book.shape[-1]
   n_in, n_out = shape
-  reader = _arrays.Reader(buffers)
-  book_desc, _, rest = rest.partition(" ")
-  book = _arrays.load(book_desc, reader, (k,) if axis is None else (n_out, k))
-  idx = _arrays.load(rest, reader, shape, fill=-1)
-  reader.done()
   idx = np.where(idx < 0, k, idx)  # index k: the appended zero
   b = _block_rows(n_in, n_out)
   nb = -(-n_out // b)
@@ -376,14 +339,12 @@ def serving_kernel(leaf: _art.EncodedLeaf) -> ServedKernel | None:
     return None
   buffers = list(leaf.buffers)
   try:
-    if r.encoding.startswith("svd["):
-      parts = _split_factors(r.encoding)
-      if len(parts) != 2:
-        return None
-      (su, du), (sv, dv) = parts
-      u, n = _factor(du, buffers, su, r.dtype)
-      v, _ = _factor(dv, buffers[n:], sv, r.dtype)
-      return LowRankKernel(u, v)
+    factors = _enc.factor_parts(r.encoding, buffers, r.dtype)
+    if factors is not None:
+      kind, parts = factors
+      if kind != "svd":
+        return None  # Tucker-2: decoded to floats
+      return LowRankKernel(_factor(parts[0], r.dtype), _factor(parts[1], r.dtype))
     if r.encoding.startswith("codebook"):
       return _codebook_kernel(r.encoding, buffers, r.shape, r.dtype)
     return _int_kernel(r.encoding, buffers, r.shape)

@@ -212,3 +212,40 @@ def test_nonfinite_weights_are_refused_at_export_naming_the_leaf():
     t, s = spec.init({"layer": {"w": jnp.asarray(w)}})
     with pytest.raises(ValueError, match="layer/w"):
       jc.export.export(spec, t, s)
+
+
+# --------------------------------------------------------------------------
+# Descriptor accessors.
+# --------------------------------------------------------------------------
+
+
+def test_factor_parts_read_each_factor_on_its_own():
+  from jaxcompress.export import encodings
+
+  w = kernel((12, 10))
+  spec = jc.Spec([jc.Rule("w", [jc.lowrank.svd(rank=3),
+                                jc.quant.FakeQuant(bits=4)])])
+  t, s = spec.init({"w": w})
+  leaf = jc.export.export(spec, t, s).leaves[0]
+  kind, parts = encodings.factor_parts(leaf.record.encoding, leaf.buffers, "float32")
+  assert kind == "svd" and [p.shape for p in parts] == [(12, 3), (3, 10)]
+  assert sum(len(p.buffers) for p in parts) == len(leaf.buffers)
+  u, v = (np.asarray(encodings.decode(p.encoding, p.buffers, p.shape, "float32"), np.float64) for p in parts)
+  want = np.asarray(spec.apply(t, s)["w"], np.float64)
+  np.testing.assert_allclose(u @ v, want, rtol=1e-5, atol=1e-6)
+  assert encodings.factor_parts("plain f32", [], "float32") is None
+  with pytest.raises(ValueError, match="more buffers"):
+    encodings.factor_parts(leaf.record.encoding, leaf.buffers[:-1], "float32")
+
+
+def test_codebook_parts_give_indices_and_centroids():
+  from jaxcompress.export import encodings
+
+  w = jnp.array([[0.5, 0.0, -0.5], [0.5, 0.5, 0.0]])
+  spec = jc.Spec([jc.Rule("w", [jc.cluster.kmeans(bits=1)])])
+  t, s = spec.init({"w": w})
+  leaf = jc.export.export(spec, t, s).leaves[0]
+  book, idx, axis = encodings.codebook_parts(leaf.record.encoding, leaf.buffers, (2, 3))
+  assert axis is None and book.tolist() == [-0.5, 0.5]
+  assert idx.tolist() == [[1, -1, 0], [1, 1, -1]]
+  assert encodings.codebook_parts("plain f32", [], (2, 3)) is None
