@@ -14,7 +14,8 @@ directory), checked on load; ``decode`` gives back exactly
     params = jc.export.decode(jc.export.load("model.safetensors", like=params))
 
 Compressed inference runs the unchanged model on the stored codes:
-``serving_params`` with ``compressed_dense()`` (linen), ``serving_nnx`` (NNX).
+``serving_params`` with ``compressed_dense()`` (linen), ``serving_nnx`` (NNX);
+``impl="pallas"`` opts in to a Pallas GPU kernel (``pallas_matmul``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from jaxcompress.export.inference import (
     serving_params,
 )
 from jaxcompress.export.nnx_inference import CompressedLinear, serving_nnx
+from jaxcompress.export.pallas import pallas_matmul
 
 __all__ = [
     "Artifact",
@@ -73,6 +75,7 @@ __all__ = [
     "export",
     "int8_matmul",
     "load",
+    "pallas_matmul",
     "read_manifest",
     "register_encoder",
     "save",

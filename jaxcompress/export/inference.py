@@ -57,6 +57,9 @@ formulation may write an unpacked copy of the whole weight per call:
 On other backends (GPU), weight-only products dequantize the kernel inside
 the jitted function and multiply in the input's dtype, which XLA fuses; w8a8
 runs the int8 formulations above. These have not been timed on a GPU.
+``impl="pallas"`` (opt-in; ``compressed_matmul``, ``compressed_dense``,
+``serving_nnx``) multiplies integer codes with a Pallas GPU kernel instead
+(``jaxcompress/export/pallas.py``; not timed on a GPU either).
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from jaxcompress.quant import numerics as _num
 
 PyTree = Any
 _ACTIVATIONS = ("float", "int8")
+_IMPLS = ("xla", "pallas")
 _PAD = 4
 #: Target bytes of unpacked int8 codes per block of the blocked formulations (in L2).
 _BLOCK_BYTES = 2 << 20
@@ -414,6 +418,24 @@ def check_activations(where: str, activations: str) -> None:
     raise ValueError(f"{where}: activations={activations!r}; use 'float' or 'int8'.")
 
 
+def check_impl(where: str, impl: str, activations: str, interpret: bool) -> None:
+  """Raises ``ValueError`` naming ``where`` unless ``impl`` can run (``"pallas"``: weight-only, on a GPU or interpreted)."""
+  if impl not in _IMPLS:
+    raise ValueError(f"{where}: impl={impl!r}; use 'xla' (the default) or 'pallas' (a Pallas GPU kernel).")
+  if impl != "pallas":
+    return
+  if activations != "float":
+    raise ValueError(
+        f"{where}: impl='pallas' with activations={activations!r}; the Pallas kernel is weight-only: "
+        "use activations='float', or impl='xla' for w8a8."
+    )
+  if not interpret and _backend() != "gpu":
+    raise ValueError(
+        f"{where}: impl='pallas' needs a GPU (jax.default_backend() is {_backend()!r}); use impl='xla', "
+        "or pass interpret=True to run the kernel in Pallas's interpreter (slow; for tests)."
+    )
+
+
 def _quantize_rows(x2: jax.Array, activations: str, pad: bool = True) -> tuple[jax.Array, jax.Array]:
   """``(q, s_x)``: int8 limbs of the rows (two per row for weight-only), padded to whole tiles."""
   sx = jnp.max(jnp.abs(x2), axis=1, keepdims=True) * (1.0 / 127.0)
@@ -534,11 +556,18 @@ def _int_matmul(x2: jax.Array, k: IntKernel, activations: str) -> jax.Array:
   return _combine(acc, rows, sx, activations)
 
 
-def _matmul2(x2: jax.Array, kernel: Any, activations: str) -> jax.Array:
+def _matmul2(x2: jax.Array, kernel: Any, activations: str, impl: str = "xla", interpret: bool = False) -> jax.Array:
+  if isinstance(kernel, IntKernel) and impl == "pallas":
+    from jaxcompress.export.pallas import pallas_matmul  # pallas.py imports this module
+
+    if x2.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+      x2 = x2.astype(jnp.float32)
+    return pallas_matmul(x2, kernel, interpret=interpret).astype(jnp.float32)
   if isinstance(kernel, IntKernel):
     return _int_matmul(x2, kernel, activations)
   if isinstance(kernel, LowRankKernel):
-    return _matmul2(_matmul2(x2, kernel.u, activations), kernel.v, activations)
+    u = _matmul2(x2, kernel.u, activations, impl, interpret)
+    return _matmul2(u, kernel.v, activations, impl, interpret)
   if isinstance(kernel, CodebookKernel):
     if _backend() != "cpu":
       return jnp.dot(x2, _dequantized(kernel, x2.dtype)).astype(jnp.float32)
@@ -546,7 +575,8 @@ def _matmul2(x2: jax.Array, kernel: Any, activations: str) -> jax.Array:
   return jnp.dot(x2.astype(jnp.float32), jnp.asarray(kernel).astype(jnp.float32))
 
 
-def compressed_matmul(x: jax.Array, kernel: ServedKernel, *, activations: str = "float") -> jax.Array:
+def compressed_matmul(x: jax.Array, kernel: ServedKernel, *, activations: str = "float", impl: str = "xla",
+                      interpret: bool = False) -> jax.Array:
   """``x @ kernel`` computed from a served kernel (see the module docstring for the formulations).
 
   Args:
@@ -556,6 +586,13 @@ def compressed_matmul(x: jax.Array, kernel: ServedKernel, *, activations: str = 
     activations: ``"float"`` (weight-only) or ``"int8"`` (the inputs of each
       integer product quantized per row: w8a8). Codebook and float factors
       always take float inputs.
+    impl: ``"xla"`` (the formulations above) or ``"pallas"``: integer codes
+      (``IntKernel``, also as low-rank factors) multiplied by
+      ``jaxcompress.export.pallas_matmul``, a Pallas GPU kernel, in the
+      inputs' dtype (weight-only; codebooks and float factors keep the XLA
+      path). Needs a GPU unless ``interpret``.
+    interpret: with ``impl="pallas"``, run the kernel in Pallas's interpreter
+      (any backend; slow: for tests).
 
   Returns:
     ``(..., out)`` float32.
@@ -568,6 +605,7 @@ def compressed_matmul(x: jax.Array, kernel: ServedKernel, *, activations: str = 
     [[-2.5, -5.0, -5.0]]
   """
   check_activations("compressed_matmul", activations)
+  check_impl("compressed_matmul", impl, activations, interpret)
   if not isinstance(kernel, (IntKernel, LowRankKernel, CodebookKernel)):
     raise TypeError(
         f"compressed_matmul: kernel is a {type(kernel).__name__}; pass a served kernel "
@@ -581,7 +619,7 @@ def compressed_matmul(x: jax.Array, kernel: ServedKernel, *, activations: str = 
         f"the last axis must have {n_in} features."
     )
   lead = x.shape[:-1]
-  y = _matmul2(x.reshape(-1, n_in), kernel, activations)
+  y = _matmul2(x.reshape(-1, n_in), kernel, activations, impl, interpret)
   return y.reshape(lead + (n_out,))
 
 
@@ -633,10 +671,11 @@ def check_fits(kernel: ServedKernel, n_in: int, n_out: int, layer: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def _dense_call(module: nn.Dense, inputs: jax.Array, activations: str) -> jax.Array:
+def _dense_call(module: nn.Dense, inputs: jax.Array, activations: str, impl: str = "xla",
+                interpret: bool = False) -> jax.Array:
   kernel = module.get_variable("params", "kernel")
   check_fits(kernel, inputs.shape[-1], module.features, f"Dense {'/'.join(map(str, module.path))!r}")
-  y = compressed_matmul(inputs, kernel, activations=activations)
+  y = compressed_matmul(inputs, kernel, activations=activations, impl=impl, interpret=interpret)
   dtype = module.dtype or jnp.result_type(inputs.dtype, jnp.float32)
   y = y.astype(dtype)
   if module.use_bias:
@@ -646,7 +685,7 @@ def _dense_call(module: nn.Dense, inputs: jax.Array, activations: str) -> jax.Ar
 
 
 @contextlib.contextmanager
-def compressed_dense(*, activations: str = "float") -> Iterator[None]:
+def compressed_dense(*, activations: str = "float", impl: str = "xla", interpret: bool = False) -> Iterator[None]:
   """Within this context, ``nn.Dense`` layers holding a served kernel compute from it.
 
   A Dense whose ``kernel`` param is a served kernel (as ``serving_params``
@@ -655,11 +694,15 @@ def compressed_dense(*, activations: str = "float") -> Iterator[None]:
 
   Args:
     activations: ``"float"`` (weight-only) or ``"int8"`` (w8a8).
+    impl: ``"xla"`` (the default) or ``"pallas"`` (integer codes multiplied by
+      a Pallas GPU kernel; see ``compressed_matmul``).
+    interpret: with ``impl="pallas"``, run the kernel in Pallas's interpreter.
 
   Returns:
     A context manager (see ``serving_params`` for an example).
   """
   check_activations("compressed_dense", activations)
+  check_impl("compressed_dense", impl, activations, interpret)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -670,7 +713,7 @@ def compressed_dense(*, activations: str = "float") -> Iterator[None]:
         and module.has_variable("params", "kernel")
         and is_served_kernel(module.get_variable("params", "kernel"))
     ):
-      return _dense_call(module, *args, activations=activations, **kwargs)
+      return _dense_call(module, *args, activations=activations, impl=impl, interpret=interpret, **kwargs)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):

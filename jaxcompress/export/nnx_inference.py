@@ -32,6 +32,9 @@ class CompressedLinear(nnx.Module):
     kernel: an ``IntKernel``, ``LowRankKernel`` or ``CodebookKernel``.
     bias: ``(out,)`` or ``None``.
     activations: ``"float"`` (weight-only) or ``"int8"`` (w8a8).
+    impl: ``"xla"`` (the default) or ``"pallas"`` (integer codes multiplied by
+      a Pallas GPU kernel; see ``compressed_matmul``).
+    interpret: with ``impl="pallas"``, run the kernel in Pallas's interpreter.
     dtype: the output dtype (``None``: the inputs' dtype promoted with float32).
     name: the layer's path, for error messages.
 
@@ -48,6 +51,8 @@ class CompressedLinear(nnx.Module):
       bias: jax.Array | None = None,
       *,
       activations: str = "float",
+      impl: str = "xla",
+      interpret: bool = False,
       dtype: Any = None,
       name: str = "CompressedLinear",
   ):
@@ -57,6 +62,7 @@ class CompressedLinear(nnx.Module):
           "(jc.export.serving_kernel of a stored leaf)."
       )
     _inf.check_activations(f"CompressedLinear {name!r}", activations)
+    _inf.check_impl(f"CompressedLinear {name!r}", impl, activations, interpret)
     self.in_features, self.out_features = (int(d) for d in kernel.shape)
     if bias is not None and tuple(bias.shape) != (self.out_features,):
       raise ValueError(
@@ -66,18 +72,22 @@ class CompressedLinear(nnx.Module):
     self.kernel = CompressedKernel(kernel)
     self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
     self.activations = activations
+    self.impl = impl
+    self.interpret = interpret
     self.dtype = dtype
     self.name = name
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, kernel: _inf.ServedKernel, *, activations: str = "float",
-                  name: str = "CompressedLinear") -> "CompressedLinear":
+                  impl: str = "xla", interpret: bool = False, name: str = "CompressedLinear") -> "CompressedLinear":
     """A ``CompressedLinear`` with ``linear``'s bias and dtype.
 
     Args:
       linear: the ``nnx.Linear`` it replaces.
       kernel: the served kernel of its kernel.
       activations: ``"float"`` or ``"int8"``.
+      impl: ``"xla"`` or ``"pallas"``.
+      interpret: with ``impl="pallas"``, run the kernel in Pallas's interpreter.
       name: the layer's path, for error messages.
 
     Returns:
@@ -85,7 +95,8 @@ class CompressedLinear(nnx.Module):
     """
     _inf.check_fits(kernel, linear.in_features, linear.out_features, f"Linear {name!r}")
     bias = linear.bias[...] if linear.bias is not None else None
-    return cls(kernel, bias, activations=activations, dtype=linear.dtype, name=name)
+    return cls(kernel, bias, activations=activations, impl=impl, interpret=interpret, dtype=linear.dtype,
+               name=name)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """``compressed_matmul(inputs, kernel) + bias`` over the last axis."""
@@ -95,7 +106,8 @@ class CompressedLinear(nnx.Module):
           f"CompressedLinear {self.name!r}: the stored kernel is ({self.in_features}, {self.out_features}) "
           f"(in, out) and does not fit inputs with {inputs.shape[-1]} features."
       )
-    y = _inf.compressed_matmul(inputs, kernel, activations=self.activations)
+    y = _inf.compressed_matmul(inputs, kernel, activations=self.activations, impl=self.impl,
+                               interpret=self.interpret)
     dtype = self.dtype or jnp.result_type(inputs.dtype, jnp.float32)
     y = y.astype(dtype)
     if self.bias is not None:
@@ -103,7 +115,8 @@ class CompressedLinear(nnx.Module):
     return y
 
 
-def serving_nnx(model: nnx.Module, artifact: _art.Artifact, *, activations: str = "float") -> nnx.Module:
+def serving_nnx(model: nnx.Module, artifact: _art.Artifact, *, activations: str = "float", impl: str = "xla",
+                interpret: bool = False) -> nnx.Module:
   """A copy of an NNX model whose ``nnx.Linear`` layers compute from the artifact's codes.
 
   Each ``nnx.Linear`` whose kernel ``serving_kernel`` serves becomes a
@@ -115,6 +128,9 @@ def serving_nnx(model: nnx.Module, artifact: _art.Artifact, *, activations: str 
       initialised on ``nnx.split(model, nnx.Param, ...)`` params).
     artifact: from ``export`` or ``load(path, like=params)``.
     activations: ``"float"`` (weight-only) or ``"int8"`` (w8a8).
+    impl: ``"xla"`` (the default) or ``"pallas"`` (integer codes multiplied by
+      a Pallas GPU kernel; see ``compressed_matmul``).
+    interpret: with ``impl="pallas"``, run the kernel in Pallas's interpreter.
 
   Returns:
     The new model.
@@ -134,6 +150,7 @@ def serving_nnx(model: nnx.Module, artifact: _art.Artifact, *, activations: str 
   if not isinstance(artifact, _art.Artifact):
     raise TypeError(f"serving_nnx: expected a jc.export.Artifact, got {type(artifact).__name__}.")
   _inf.check_activations("serving_nnx", activations)
+  _inf.check_impl("serving_nnx", impl, activations, interpret)
   new = nnx.clone(model)
   flat = jax.tree_util.tree_flatten_with_path(
       artifact.tree, is_leaf=lambda x: isinstance(x, _art.EncodedLeaf)
@@ -172,7 +189,7 @@ def serving_nnx(model: nnx.Module, artifact: _art.Artifact, *, activations: str 
       )
     var.set_value(value)
   for keys, linear, kernel in swaps:  # after the biases took their decoded values
-    layer = CompressedLinear.from_linear(linear, kernel, activations=activations,
+    layer = CompressedLinear.from_linear(linear, kernel, activations=activations, impl=impl, interpret=interpret,
                                          name="/".join(map(str, keys)) or "<model>")
     if not keys:
       return layer  # the model is the Linear itself
