@@ -11,7 +11,14 @@ Martinsson and Tropp 2011, algorithms 4.4 and 5.1) costs ``O(m n l)`` per pass,
    product keeps float32 accurate: no power of ``A^T A`` is ever formed; the
    orthonormalization is a shifted CholeskyQR3, which XLA runs far faster on
    CPU than ``jnp.linalg.qr``);
-3. the small SVD ``Q^T A = U_b S V^T``; ``U = Q U_b``.
+3. the small SVD ``Q^T A = U_b S V^T``; ``U = Q U_b``, taken without forming
+   ``Q^T A``: ``A^T Q = Q_z R_z`` and the SVD of the ``(l, l)`` ``R_z^T``.
+
+Sharding: ``A`` enters only matrix products (``A G``, ``A^T Q``, ``A W``) and
+only ``(l, l)`` matrices are factorized (Cholesky, eigendecomposition, SVD);
+the orthonormalization multiplies by the inverse of the small Cholesky factor
+rather than solving against the tall matrix. XLA partitions all of it, so a
+kernel split over its columns is never gathered (``benchmarks/memory.py``).
 
 ``truncated_svd`` picks the method from the shapes alone (static under jit):
 randomized when ``l = 2 r <= min(m, n) / 4`` and ``min(m, n) >= 256``, with ``q = 8``
@@ -19,7 +26,9 @@ passes, which keeps the Frobenius error within 0.1% of the Eckart-Young optimum
 on flat and on slowly decaying spectra (tested against numpy's float64 SVD).
 The random matrix comes from a fixed key, so the result is deterministic. A
 kernel whose rank is below ``l`` (no ``l`` independent directions to find)
-falls back to the full SVD.
+breaks the Cholesky factorizations down; the iteration is then redone with an
+orthonormalization by eigendecomposition that drops null directions. The full
+SVD (small kernels, large ranks) is LAPACK's and gathers a sharded kernel.
 """
 
 from __future__ import annotations
@@ -61,8 +70,12 @@ def uses_randomized(shape: tuple[int, int], r: int) -> bool:
 
 
 def _chol_qr(y: Array, gram: Array) -> Array:
+  # y R^-T with R^-1 from a triangular solve of the small (l, l) factor: the tall y
+  # then meets only a matrix product, which XLA partitions where y is sharded (a
+  # triangular solve against y itself would gather it).
   r = jnp.linalg.cholesky(gram)
-  return jax.scipy.linalg.solve_triangular(r, y.T, lower=True).T
+  r_inv = jax.scipy.linalg.solve_triangular(r, jnp.eye(gram.shape[0], dtype=y.dtype), lower=True)
+  return y @ r_inv.T
 
 
 def orthonormalize(y: Array) -> Array:
@@ -73,7 +86,9 @@ def orthonormalize(y: Array) -> Array:
   milliseconds. The first is shifted (Fukaya et al. 2020, "Shifted Cholesky QR
   for computing the QR factorization of ill-conditioned matrices"), so that it
   cannot break down when ``y`` is ill-conditioned; the two plain passes after
-  it (CholeskyQR2) restore orthogonality to float32 rounding.
+  it (CholeskyQR2) restore orthogonality to float32 rounding. Only ``(l, l)``
+  matrices are factorized; ``y`` enters products alone, so a ``y`` sharded
+  over its rows stays sharded.
 
   Args:
     y: float ``(m, l)``, ``m >= l``, of full column rank.
@@ -96,8 +111,50 @@ def orthonormalize(y: Array) -> Array:
   return _chol_qr(y, y.T @ y)
 
 
+def _orthonormalize_rank_revealing(y: Array) -> Array:
+  """Orthonormal columns for the numerical range of ``y``, zero columns for the rest.
+
+  Two passes of ``y V D^-1/2`` from the eigendecomposition ``y^T y = V D V^T``,
+  with the eigenvalues below ``10 sqrt(m) eps max(D)`` (rounding of a rank
+  deficient ``y``) dropped: unlike Cholesky this cannot break down when ``y``
+  has fewer independent columns than ``l``, and like it only ``(l, l)``
+  matrices are factorized.
+  """
+  m, l = y.shape
+  tol = 10.0 * m**0.5 * jnp.finfo(y.dtype).eps
+  for _ in range(2):
+    w, v = jnp.linalg.eigh(y.T @ y)
+    keep = w > tol * jnp.max(w)
+    y = y @ (v * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, w, 1.0)), 0.0))
+  return y
+
+
+def _is_orthonormal(q: Array) -> Array:
+  l = q.shape[1]
+  return jnp.all(jnp.isfinite(q)) & (jnp.max(jnp.abs(q.T @ q - jnp.eye(l, dtype=q.dtype))) < 1e-3)
+
+
+def _subspace(a: Array, g: Array, power_iters: int, orth) -> tuple[Array, Array, Array]:
+  """``(q, z, qz)``: ``q`` a basis of the range of ``a`` found from ``g``, ``z = a^T q``
+  and ``qz`` a basis of the columns of ``z``."""
+  q = orth(a @ g)
+  q = jax.lax.fori_loop(0, power_iters, lambda _, q: orth(a @ orth(a.T @ q)), q)
+  z = a.T @ q
+  return q, z, orth(z)
+
+
 def randomized_svd(a: Array, r: int, *, power_iters: int = POWER_ITERS, seed: int = 0) -> tuple[Array, Array, Array]:
   """The ``r`` leading singular triplets of ``a`` by randomized subspace iteration.
+
+  Every step is a product with ``a`` (``a G``, ``a^T Q``, ``a W``) or a
+  factorization of an ``(l, l)`` matrix, ``l = r + max(10, r)``, so ``a`` is
+  never gathered where it is sharded. The SVD of ``B = Q^T a`` is taken from
+  ``B^T = a^T Q = Q_z R_z`` (``Q_z`` orthonormal, ``R_z`` ``(l, l)``): with
+  ``R_z^T = U' S V'^T``, ``B = U' S (Q_z V')^T``, so ``U = Q U'`` and
+  ``V^T = (Q_z V')^T``, both products with tall sharded matrices. A kernel
+  whose rank is below ``l`` makes the Cholesky factorizations break down; it
+  is then redone with a rank-revealing (eigendecomposition) orthonormalization,
+  which is also sharded.
 
   Args:
     a: float ``(m, n)``.
@@ -119,25 +176,15 @@ def randomized_svd(a: Array, r: int, *, power_iters: int = POWER_ITERS, seed: in
   m, n = a.shape
   l = min(r + _oversampling(r), m, n)
   g = jax.random.normal(jax.random.key(seed), (n, l), a.dtype)
-  q = orthonormalize(a @ g)
-
-  def body(_, q):
-    return orthonormalize(a @ orthonormalize(a.T @ q))
-
-  q = jax.lax.fori_loop(0, power_iters, body, q)
-  # A kernel of rank below l has no l orthonormal directions in its range: the
-  # Cholesky factorizations then break down. Fall back to the full SVD there.
-  ok = jnp.all(jnp.isfinite(q)) & (jnp.max(jnp.abs(q.T @ q - jnp.eye(l, dtype=q.dtype))) < 1e-3)
-
-  def from_basis():
-    ub, s, vt = jnp.linalg.svd(q.T @ a, full_matrices=False)
-    return (q @ ub)[:, :r], s[:r], vt[:r]
-
-  def full():
-    u, s, vt = jnp.linalg.svd(a, full_matrices=False)
-    return u[:, :r], s[:r], vt[:r]
-
-  return jax.lax.cond(ok, from_basis, full)
+  q, z, qz = _subspace(a, g, power_iters, orthonormalize)
+  ok = _is_orthonormal(q) & _is_orthonormal(qz)
+  q, z, qz = jax.lax.cond(
+      ok,
+      lambda: (q, z, qz),
+      lambda: _subspace(a, g, power_iters, _orthonormalize_rank_revealing),
+  )
+  ur, s, vrt = jnp.linalg.svd((qz.T @ z).T)  # R_z^T = U' S V'^T, (l, l)
+  return q @ ur[:, :r], s[:r], (qz @ vrt[:r].T).T
 
 
 def truncated_svd(a: Array, r: int) -> tuple[Array, Array, Array]:
