@@ -31,6 +31,13 @@ b256_w8a8 >= 1.0, b16_w4 >= 1.5. ``--gpu``: the same in bfloat16 on the
 default accelerator, targets b1_w8 >= 1.8 and b1_w4 >= 3.0 over bfloat16
 (``--gpu --quick`` runs small on whatever backend there is, as a smoke check).
 
+``--gpu --pallas`` also times the Pallas kernel (``impl="pallas"``,
+``jc.export.pallas_matmul``) on the ``w8``, ``w4`` and ``w4_channel``
+artifacts beside the XLA path: ``pallas_b{B}_{mode}`` is bfloat16 float time /
+Pallas time, ``pallas_{mode}_err`` its error as above (the layer's keys carry
+the ``layer_`` prefix). On CPU (``--gpu --quick --pallas``) the kernel runs in
+Pallas's interpreter: a smoke check of the keys, its times mean nothing.
+
 Run: ``python benchmarks/serve.py`` (``--quick``: 256-wide, two rounds). The
 last line printed is one JSON object.
 """
@@ -56,6 +63,7 @@ FULL = {"d": 4096, "ffn": 16384, "rank": 1024, "group": 128, "batches": (1, 4, 1
 QUICK = {"d": 256, "ffn": 1024, "rank": 64, "group": 32, "batches": (1, 16), "rounds": 2, "warmup": 1}
 TARGETS = {"b1_w8": 1.0, "b1_w4": 1.0, "b16_w8a8": 2.0, "b256_w8a8": 1.0, "b16_w4": 1.5}
 GPU_TARGETS = {"b1_w8": 1.8, "b1_w4": 3.0}
+PALLAS_MODES = ("w8", "w4", "w4_channel")
 
 
 def modes(cfg: dict) -> dict:
@@ -101,8 +109,8 @@ def kernel_bytes(artifact: jc.export.Artifact) -> int:
   return sum(r.nbytes for r in artifact.records if r.path.endswith("kernel"))
 
 
-def measure(model, params, cfg: dict, dtype, prefix: str = "") -> dict:
-  """Speed-ups, bytes and errors of every mode for one model."""
+def measure(model, params, cfg: dict, dtype, prefix: str = "", pallas: bool = False) -> dict:
+  """Speed-ups, bytes and errors of every mode for one model (and of the Pallas kernel, with ``pallas``)."""
   float_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
   d = params["Dense_0"]["kernel"].shape[0]
   xs = {b: jax.random.normal(jax.random.key(b), (b, d), jnp.float32).astype(dtype) for b in cfg["batches"]}
@@ -121,27 +129,39 @@ def measure(model, params, cfg: dict, dtype, prefix: str = "") -> dict:
         return model.apply({"params": sp}, x)
 
     fn = jax.jit(run)  # the codes are arguments, as the float params are
+    timed = {mode: fn}
+    if pallas and mode in PALLAS_MODES:
+      interpret = jax.default_backend() == "cpu"  # --quick smoke run: Pallas's interpreter
+
+      def run_pallas(sp, x):
+        with jc.export.compressed_dense(impl="pallas", interpret=interpret):
+          return model.apply({"params": sp}, x)
+
+      timed[f"pallas_{mode}"] = jax.jit(run_pallas)
     decoded = jc.export.decode(artifact)
-    err = 0.0
+    errs = dict.fromkeys(timed, 0.0)
     for x in xs.values():
       want = np.asarray(float_fn(decoded, x), np.float64)
-      got = np.asarray(fn(served, x), np.float64)
-      err = max(err, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)))
+      for name, f in timed.items():
+        got = np.asarray(f(served, x), np.float64)
+        errs[name] = max(errs[name], float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)))
     del decoded
     out[f"{prefix}{mode}_bytes"] = kernel_bytes(artifact)
-    out[f"{prefix}{mode}_err"] = float(f"{err:.3g}")
-    fns[mode] = (fn, served)
+    for name, f in timed.items():
+      out[f"{prefix}{name}_err"] = float(f"{errs[name]:.3g}")
+      fns[name] = (f, served)
   for b, x in xs.items():
     runners = {"float": lambda x=x: float_fn(params, x).block_until_ready()}
     for mode, (fn, sp) in fns.items():
       runners[mode] = lambda fn=fn, sp=sp, x=x: fn(sp, x).block_until_ready()
     per = paired_times(runners, rounds=cfg["rounds"], block=1, warmup=cfg["warmup"])
     for mode in fns:
-      out[f"{prefix}b{b}_{mode}"] = round(statistics.median(f / t for f, t in zip(per["float"], per[mode])), 2)
+      key = f"pallas_b{b}_{mode[len('pallas_'):]}" if mode.startswith("pallas_") else f"b{b}_{mode}"
+      out[f"{prefix}{key}"] = round(statistics.median(f / t for f, t in zip(per["float"], per[mode])), 2)
   return out
 
 
-def run(quick: bool = False, gpu: bool = False) -> dict:
+def run(quick: bool = False, gpu: bool = False, pallas: bool = False) -> dict:
   t0 = time.perf_counter()
   load0 = os.getloadavg()[0]
   cfg = QUICK if quick else FULL
@@ -151,11 +171,11 @@ def run(quick: bool = False, gpu: bool = False) -> dict:
   cast = lambda p: jax.tree.map(lambda a: a.astype(dtype), p)
   layer = Layer(d)
   lp = cast(layer.init(jax.random.key(0), jnp.ones((1, d)))["params"])
-  result.update(measure(layer, lp, cfg, dtype, prefix="layer_"))
+  result.update(measure(layer, lp, cfg, dtype, prefix="layer_", pallas=pallas))
   del lp
   block = Block(d, ffn)
   bp = cast(block.init(jax.random.key(1), jnp.ones((1, d)))["params"])
-  result.update(measure(block, bp, cfg, dtype))
+  result.update(measure(block, bp, cfg, dtype, pallas=pallas))
   targets = GPU_TARGETS if gpu else TARGETS
   return {
       **result,
@@ -171,6 +191,7 @@ def run(quick: bool = False, gpu: bool = False) -> dict:
       "group": cfg["group"],
       "rounds": cfg["rounds"],
       "quick": quick,
+      **({"pallas": True} if pallas else {}),
       "seconds": round(time.perf_counter() - t0, 1),
   }
 
@@ -180,10 +201,14 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="256-wide, two rounds (smoke run)")
   parser.add_argument("--gpu", action="store_true",
                       help="bfloat16 on the default accelerator (with --quick: any backend)")
+  parser.add_argument("--pallas", action="store_true",
+                      help="with --gpu: also time the Pallas kernel (interpreted on CPU, with --quick)")
   args = parser.parse_args()
+  if args.pallas and not args.gpu:
+    parser.error("--pallas times the Pallas GPU kernel in bfloat16: add --gpu (and --quick on CPU).")
   if args.gpu and not args.quick and jax.default_backend() == "cpu":
     parser.error("--gpu needs an accelerator (jax.default_backend() is 'cpu'); add --quick for a smoke run.")
-  print(json.dumps(run(quick=args.quick, gpu=args.gpu)))
+  print(json.dumps(run(quick=args.quick, gpu=args.gpu, pallas=args.pallas)))
 
 
 if __name__ == "__main__":
