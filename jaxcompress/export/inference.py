@@ -419,7 +419,10 @@ def check_activations(where: str, activations: str) -> None:
 
 
 def check_impl(where: str, impl: str, activations: str, interpret: bool) -> None:
-  """Raises ``ValueError`` naming ``where`` unless ``impl`` can run (``"pallas"``: weight-only, on a GPU or interpreted)."""
+  """Raises ``ValueError`` naming ``where`` unless ``impl`` can run.
+
+  ``"xla"`` always runs; ``"pallas"`` is weight-only and needs a GPU or ``interpret``.
+  """
   if impl not in _IMPLS:
     raise ValueError(f"{where}: impl={impl!r}; use 'xla' (the default) or 'pallas' (a Pallas GPU kernel).")
   if impl != "pallas":
