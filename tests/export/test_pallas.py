@@ -67,6 +67,20 @@ def test_bfloat16_int4_per_group():
   assert_close(y, reference(x, codes, scale), jnp.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_lowers_to_triton(dtype, monkeypatch):
+  # Lowered (not run) for an NVIDIA GPU from this CPU: the Pallas Triton lowering
+  # accepts every layout, ragged tiles included (its loads and stores must be
+  # powers of two; its ops must have Triton rules).
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  rng = np.random.default_rng(1)
+  for bits, group in LAYOUTS:
+    k = random_kernel(rng, bits, group, 64, 40)[0]
+    fn = jax.jit(lambda x, k: jc.export.pallas_matmul(x, k, block_n=16, block_k=32))
+    text = fn.trace(jnp.ones((3, 64), dtype), k).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1, (bits, group)
+
+
 # ---------------------------------------------------------------------------
 # Errors (no kernel runs).
 # ---------------------------------------------------------------------------
