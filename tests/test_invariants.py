@@ -2,8 +2,7 @@
 
 For each case (``tests/registry``): same result with and without jit; init
 under ``jax.eval_shape``; dtypes kept (f32 and bf16); sharded on an 8-device
-CPU mesh equals single device (every case on Auto axes, one case of each kind
-on Explicit axes); no retracing across steps; state structure stable across
+CPU mesh equals single device (every case on Auto and on Explicit axes); no retracing across steps; state structure stable across
 updates.
 
 One jitted single-device run per case (init, apply and three updates) is
@@ -115,16 +114,9 @@ def test_state_structure_stable_and_no_retrace(case):
   jt.assert_no_retrace(c, jitted=r)
 
 
-# Explicit meshes take the same code path for every stage (whole-leaf work on a
-# replicated copy, resharded after), so they run over one case of each kind of
-# computation rather than all of them, to keep the suite short.
-EXPLICIT = {
-    "prune_magnitude_global", "prune_straight_through", "prune_per_output", "prune_block",
-    "prune_nm_2_4", "prune_rigl", "quant_fq_int4_asym_per_group_static",
-    "quant_fq_int4_stochastic_static", "quant_lowrank_then_lsq_int8", "lowrank_svd_per_leaf",
-    "cluster_per_channel_density", "prune_then_cluster_at_step",
-}
-assert EXPLICIT <= set(IDS), EXPLICIT - set(IDS)
+# Explicit meshes: a stage that keeps the sharding (``Stage.keeps_sharding``)
+# runs on the shards, the others on replicated copies; every case runs on
+# them, one of each path in README's command and the rest under `slow`.
 FAST_EXPLICIT = {"prune_rigl", "quant_lowrank_then_lsq_int8"}
 SHARDED = [
     pytest.param(c, AxisType.Auto, id=f"{c.name}-auto", marks=() if c.name in REPRESENTATIVE else pytest.mark.slow)
@@ -132,7 +124,6 @@ SHARDED = [
 ] + [
     pytest.param(c, AxisType.Explicit, id=f"{c.name}-explicit", marks=() if c.name in FAST_EXPLICIT else pytest.mark.slow)
     for c in CASES
-    if c.name in EXPLICIT
 ]
 
 

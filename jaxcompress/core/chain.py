@@ -13,8 +13,9 @@ bookkeeping of composition lives here, once:
 - ``update`` writes the first stage's returned value back as the new weight
   (pruning zeroes what it removes); stages after the first get the gradient of
   their own input (pulled back through a factorization's ``materialize``);
-- under an Explicit-axis mesh, whole-leaf computations run on replicated
-  copies and are resharded back.
+- under an Explicit-axis mesh, a stage that needs whole leaves
+  (``Stage.keeps_sharding`` false: sorts, reshapes, factorizations) runs on
+  replicated copies, resharded back; the others run on the shards as they are.
 
 ``jc.Spec`` is then a loop over rules, each owning one chain.
 """
@@ -169,7 +170,7 @@ class Chain(Stage):
         items += parts
         item_paths += [paths[n]] * len(parts)
         item_keys += [_fold(_fold(keys[n], si), q) for q in range(len(parts))]
-      gathered, explicit = _sharding.replicate_explicit(items)
+      gathered, explicit = (items, False) if stage.keeps_sharding else _sharding.replicate_explicit(items)
       out = stage.init_group(gathered, paths=item_paths, keys=item_keys)
       if explicit:
         out = [(_sharding.reshard_like(p, v), _sharding.reshard_like(st, v)) for (p, st), v in zip(out, items)]
@@ -200,7 +201,10 @@ class Chain(Stage):
         iparams += _parts(params[n].get(k), len(parts), is_arr)
         istates += _parts(states[n][k], len(parts), is_arr)
       grads_stats = [(c.grad, c.stat) for c in ictxs]
-      gathered, explicit = _sharding.replicate_explicit((items, iparams, istates, grads_stats))
+      gathered = (items, iparams, istates, grads_stats)
+      explicit = False
+      if not stage.keeps_sharding:
+        gathered, explicit = _sharding.replicate_explicit(gathered)
       g_items, g_params, g_states, g_gs = gathered
       g_ctxs = [c._replace(grad=g, stat=st) for c, (g, st) in zip(ictxs, g_gs)]
       out = stage.update_group(g_items, g_params, g_states, g_ctxs)

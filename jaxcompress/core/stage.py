@@ -76,6 +76,14 @@ class Stage:
   """
 
   replaces_weight: ClassVar[bool] = False
+  #: Whether ``init``/``update`` (and their group forms) run on a leaf as an
+  #: Explicit mesh shards it. ``False`` (the default, always safe): under an
+  #: Explicit mesh the chain hands the stage replicated copies of its leaves and
+  #: reshards what it returns, so each device holds the whole leaf. A stage
+  #: whose computations are elementwise, or reduce along any axis without
+  #: reshaping, sorting or factoring the leaf, sets ``True`` (or a property
+  #: that says so per configuration) and then never gathers.
+  keeps_sharding: ClassVar[bool] = False
   #: Short name, used as the key of this stage's params/state in a leaf. Every
   #: concrete stage sets it (``jc.Rule`` refuses a stage without one).
   name: ClassVar[str] = ""

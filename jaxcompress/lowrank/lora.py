@@ -200,6 +200,7 @@ class LoRA(Stage):
   """
 
   name: ClassVar[str] = "lora"
+  keeps_sharding: ClassVar[bool] = True  # adapters shard as the kernel; nothing reshapes it
 
   rank: int = 8
   _: dataclasses.KW_ONLY

@@ -183,6 +183,8 @@ class RigL(DynamicSparse):
     ([True, False, False, True], [4.0, 0.0, 0.0, 0.0])
   """
 
+  keeps_sharding: ClassVar[bool] = True  # drop and grow select on the shards (core.select)
+
   def grow_score(self, value, ctx):
     if ctx.grad is None:
       raise ValueError(
@@ -210,6 +212,8 @@ class SET(DynamicSparse):
     >>> int(s["w"].stages["prune"].mask.sum()), s["w"].stages["prune"].mask[6:].tolist()
     (4, [True, True])
   """
+
+  keeps_sharding: ClassVar[bool] = True  # drop and grow select on the shards (core.select)
 
   def grow_score(self, value, ctx):
     if ctx.key is None:

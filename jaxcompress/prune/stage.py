@@ -144,6 +144,14 @@ class Prune(Stage):
 
   name: ClassVar[str] = "prune"
 
+  @property
+  def keeps_sharding(self) -> bool:  # type: ignore[override]
+    """Unstructured and N:M masks are selected on the shards (``core.select``); blocks,
+    channels and per-output ranking reshape or slice the leaf, so they take it whole."""
+    return isinstance(self.structure, (_struct.Unstructured, _struct.NM)) and not isinstance(
+        self.distribution, _dist.PerOutput
+    )
+
   sparsity: ScalarOrSchedule | None = None
   criterion: _criteria.Criterion = dataclasses.field(default_factory=_criteria.Magnitude)
   structure: _struct.Structure = dataclasses.field(default_factory=_struct.Unstructured)

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxcompress.core import sharding as _sharding
 from jaxcompress.core.checks import check_int, error_if, is_concrete, is_int
 from jaxcompress.quant import blockscaled
 
@@ -455,6 +456,9 @@ class PerGroup(Granularity):
 
   def _blocks(self, x: Array) -> tuple[Array, tuple[int, ...]]:
     a = _norm_axis(self.axis, x.ndim)
+    # An Explicit mesh refuses to split a sharded axis into groups that can span
+    # shards: that axis (the reduction axis, rarely sharded) is replicated first.
+    x = _sharding.unshard_axes(x, (a,))
     shape = x.shape[:a] + (x.shape[a] // self.size, self.size) + x.shape[a + 1 :]
     return x.reshape(shape), (a + 1,)
 
@@ -615,7 +619,7 @@ def expand_scale(scale: Array, shape: tuple[int, ...], granularity: Granularity)
   """
   if isinstance(granularity, PerGroup):
     a = _norm_axis(granularity.axis, len(shape))
-    s = jnp.expand_dims(scale, a + 1)
+    s = jnp.expand_dims(_sharding.unshard_axes(scale, (a,)), a + 1)
     s = jnp.broadcast_to(s, s.shape[: a + 1] + (granularity.size,) + s.shape[a + 2 :])
     return s.reshape(s.shape[:a] + (s.shape[a] * granularity.size,) + s.shape[a + 2 :])
   return scale

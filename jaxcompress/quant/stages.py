@@ -141,6 +141,20 @@ class _Quantizer(Stage):
     return Stage.describe(shown)
 
   @property
+  def keeps_sharding(self) -> bool:  # type: ignore[override]
+    """Per-tensor and per-channel ranges reduce the shards where they lie; groups, block
+    scales and percentiles reshape or sort the leaf, so they take it whole."""
+    calibrators = (None, _cal.AbsMax, _cal.MinMax, _cal.MSE)
+    return (
+        isinstance(self.granularity, (numerics.PerTensor, numerics.PerChannel))
+        and not self.fmt.is_block_scaled
+        and all(c is None or type(c) in calibrators for c in self._calibrators())
+    )
+
+  def _calibrators(self) -> tuple:
+    return tuple(getattr(self, f, None) for f in ("calibration", "init_calibration"))
+
+  @property
   def fmt(self) -> Format:
     """The ``numerics.Format`` of this stage."""
     return Format(dtype=self.dtype, bits=self.bits, symmetric=self.symmetric,
