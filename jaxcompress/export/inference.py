@@ -614,13 +614,8 @@ def compressed_matmul(x: jax.Array, kernel: ServedKernel, *, activations: str = 
         f"compressed_matmul: kernel is a {type(kernel).__name__}; pass a served kernel "
         "(jc.export.serving_kernel of a stored leaf)."
     )
-  x = jnp.asarray(x)
+  x = check_inputs("compressed_matmul", x, kernel)
   n_in, n_out = kernel.shape
-  if x.ndim < 1 or x.shape[-1] != n_in:
-    raise ValueError(
-        f"compressed_matmul: inputs of shape {tuple(x.shape)} do not fit a ({n_in}, {n_out}) kernel; "
-        f"the last axis must have {n_in} features."
-    )
   lead = x.shape[:-1]
   y = _matmul2(x.reshape(-1, n_in), kernel, activations, impl, interpret)
   return y.reshape(lead + (n_out,))
@@ -653,6 +648,18 @@ def int8_matmul(x: jax.Array, codes_t: jax.Array, scale: jax.Array, *, activatio
   acc = _dot_t(codes_t, q, preferred_element_type=jnp.int32).T.astype(jnp.float32)
   out = _combine(acc, x2.shape[0], sx, activations) * scale
   return out.reshape(lead + (codes_t.shape[0],))
+
+
+def check_inputs(where: str, x: Any, kernel: ServedKernel) -> jax.Array:
+  """``x`` as an array; raises ``ValueError`` naming ``where`` unless its last axis fits ``kernel``."""
+  x = jnp.asarray(x)
+  n_in, n_out = kernel.shape
+  if x.ndim < 1 or x.shape[-1] != n_in:
+    raise ValueError(
+        f"{where}: inputs of shape {tuple(x.shape)} do not fit a ({n_in}, {n_out}) kernel; "
+        f"the last axis must have {n_in} features."
+    )
+  return x
 
 
 def is_served_kernel(value: Any) -> bool:

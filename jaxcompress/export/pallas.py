@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from jaxcompress.core.checks import check_int
-from jaxcompress.export.inference import IntKernel
+from jaxcompress.export.inference import IntKernel, check_inputs
 
 #: The smallest tile side of Triton's ``tl.dot``.
 _MIN_BLOCK = 16
@@ -169,13 +169,8 @@ def pallas_matmul(
         f"{jax.default_backend()!r}); pass interpret=True to run it in Pallas's interpreter "
         "(slow; for tests), or use the XLA path (compressed_matmul with impl='xla')."
     )
-  x = jnp.asarray(x)
+  x = check_inputs("pallas_matmul", x, kernel)
   n_in, n_out = kernel.shape
-  if x.ndim < 1 or x.shape[-1] != n_in:
-    raise ValueError(
-        f"pallas_matmul: inputs of shape {tuple(x.shape)} do not fit a ({n_in}, {n_out}) kernel; "
-        f"the last axis must have {n_in} features."
-    )
   if x.dtype not in _FLOATS:
     raise TypeError(f"pallas_matmul: inputs of dtype {x.dtype}; pass float32, bfloat16 or float16 inputs.")
   block_n = _pow2_block("block_n", block_n)
