@@ -148,7 +148,23 @@ class Chain(Stage):
     return value
 
   def update_mask(self, state: Any) -> Any:
-    return self.stages[0].update_mask(state[self.keys[0]]) if self.stages else None
+    """The weight's keep-mask: every stage's, combined (``None`` where none masks).
+
+    Stages that do not replace the weight keep its shape, so a later stage's
+    mask (a ``LoRA`` base frozen after a quantizer, pruning after it) says
+    which weights still reach the output. After a stage that replaces the
+    weight, later stages see factors or centroids instead: only its mask counts.
+    """
+    if not self.stages:
+      return None
+    if self.stages[0].replaces_weight:
+      return self.stages[0].update_mask(state[self.keys[0]])
+    mask = None
+    for stage, k in zip(self.stages, self.keys):
+      m = stage.update_mask(state[k])
+      if m is not None:
+        mask = m if mask is None else mask & m
+    return mask
 
   # --- over every leaf a rule selects ---------------------------------------
   def init(self, value, *, path, key):
