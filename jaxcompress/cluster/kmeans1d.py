@@ -32,6 +32,24 @@ programme's choices are approximate and Lloyd polishes them.
 
 The nearest centroid of an arbitrary entry is found without an ``(n, k)``
 distance matrix: the number of midpoints below it (``assign``), O(n log k).
+
+Sharded leaves: sorting a whole leaf split over devices gathers it (XLA does
+not partition a sort of the flattened leaf). ``sort_columns`` instead sorts each
+column of the leaf seen as a matrix ``(prod(shape[:-1]), shape[-1])``, a sort
+along an axis that XLA partitions, with per-column prefix sums. Every question
+the algorithms ask of the sorted data has an answer from the columns:
+
+- how many entries are at most ``t``, and their sums: a binary search in every
+  column, summed over columns (O(C log R) per threshold);
+- the value at a rank (a quantile): bisection over the order-preserving
+  integer image of float32 on that count, at most 32 rounds;
+- a prefix sum at a rank ``p``: the sums of the entries below the value ``v``
+  at rank ``p``, plus ``v`` once for each of the ties that the prefix holds.
+
+So Lloyd, the dynamic programme and the density init give the same centroids
+from either layout (up to float summation order). The stage clusters one
+codebook per layer from columns; per-channel codebooks sort each channel, which
+already partitions over a sharded channel axis.
 """
 
 from __future__ import annotations
@@ -71,6 +89,30 @@ class Sorted(NamedTuple):
   s2: Array
 
 
+class Columns(NamedTuple):
+  """The valid entries of a matrix, each column sorted, with centred prefix sums per column.
+
+  Attributes:
+    cols: float32 ``(R, C)``, each column ascending, its invalid entries ``+inf`` at its end.
+    counts: int32 ``(C,)``, the valid entries of each column.
+    n: int32 scalar, ``sum(counts)``.
+    shift: float32 scalar, the mean of the valid entries (0 when there are none).
+    p1: float32 ``(R + 1, C)``, ``p1[i, c] = sum(cols[:i, c] - shift)`` over valid entries.
+    p2: float32 ``(R + 1, C)``, the same for the squares.
+  """
+
+  cols: Array
+  counts: Array
+  n: Array
+  shift: Array
+  p1: Array
+  p2: Array
+
+
+def _shift(x: Array, valid: Array, n: Array) -> Array:
+  return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(n, 1).astype(jnp.float32)
+
+
 def sort_valid(x: Array, valid: Array) -> Sorted:
   """Sorts the valid entries of ``x`` and takes their prefix sums.
 
@@ -83,23 +125,185 @@ def sort_valid(x: Array, valid: Array) -> Sorted:
   """
   n = jnp.sum(valid, dtype=jnp.int32)
   xs = jnp.sort(jnp.where(valid, x, jnp.inf))
-  shift = jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(n, 1).astype(jnp.float32)
+  shift = _shift(x, valid, n)
   d = jnp.where(jnp.arange(x.shape[0]) < n, xs - shift, 0.0)
   zero = jnp.zeros((1,), jnp.float32)
   return Sorted(xs, n, shift, jnp.concatenate([zero, jnp.cumsum(d)]), jnp.concatenate([zero, jnp.cumsum(d * d)]))
 
 
-def _runs(s: Sorted, lo: Array, hi: Array) -> tuple[Array, Array, Array]:
-  """Count, mean and squared error of the sorted runs ``[lo, hi)`` (broadcasting)."""
-  cnt = hi - lo
+def sort_columns(x: Array, valid: Array) -> Columns:
+  """Sorts the valid entries of every column of ``x`` and takes their prefix sums.
+
+  A sort and prefix sums along axis 0 only: where ``x`` is sharded, XLA keeps
+  them sharded (over the columns, or by moving a sharded row axis to them).
+
+  Args:
+    x: float32 ``(R, C)``.
+    valid: bool ``(R, C)``.
+
+  Returns:
+    A ``Columns``.
+  """
+  counts = jnp.sum(valid, axis=0, dtype=jnp.int32)
+  n = jnp.sum(counts)
+  cols = jnp.sort(jnp.where(valid, x, jnp.inf), axis=0)
+  shift = _shift(x, valid, n)
+  d = jnp.where(jnp.arange(x.shape[0])[:, None] < counts, cols - shift, 0.0)
+  zero = jnp.zeros((1, x.shape[1]), jnp.float32)
+  return Columns(
+      cols, counts, n, shift,
+      jnp.concatenate([zero, jnp.cumsum(d, axis=0)]), jnp.concatenate([zero, jnp.cumsum(d * d, axis=0)]),
+  )
+
+
+Data = Sorted | Columns
+
+
+#: Thresholds searched for at once in every column: more are handled in chunks of
+#: this many (``lax.map``), which bounds the ``(C, chunk)`` index arrays.
+SEARCH_CHUNK = 32
+
+
+def _over_chunks(fn, *qs: Array) -> tuple[Array, ...]:
+  """``fn`` over per-threshold arrays ``qs`` (each ``(q,)``), ``SEARCH_CHUNK`` at a time.
+
+  ``fn`` maps ``(chunk,)`` arrays to a tuple of ``(chunk,)`` arrays.
+  """
+  q = qs[0].shape[0]
+  if q <= SEARCH_CHUNK:
+    return fn(*qs)
+  chunks = -(-q // SEARCH_CHUNK)
+  padded = tuple(jnp.pad(x, (0, chunks * SEARCH_CHUNK - q), mode="edge").reshape(chunks, -1) for x in qs)
+  out = jax.lax.map(lambda xs: fn(*xs), padded)
+  return tuple(o.reshape(-1)[:q] for o in out)
+
+
+def _column_search(d: Columns, t: Array, side: str) -> Array:
+  """``(C, q)``: per column, how many valid entries are ``<= t`` (``side="right"``) or ``< t``."""
+  found = jax.vmap(
+      lambda col: jnp.searchsorted(col, t, side=side, method="scan_unrolled"), in_axes=1
+  )(d.cols)
+  return jnp.minimum(found.astype(jnp.int32), d.counts[:, None])
+
+
+def _column_sums(d: Columns, idx: Array) -> tuple[Array, Array, Array]:
+  """Count and centred sums of the first ``idx[c, j]`` entries of every column, summed over columns."""
+  take = lambda p: jnp.sum(jnp.take_along_axis(p, idx.T, axis=0), axis=1)
+  return jnp.sum(idx, axis=0), take(d.p1), take(d.p2)
+
+
+def _below(d: Data, t: Array, side: str = "right") -> tuple[Array, Array, Array]:
+  """Count, centred sum and centred sum of squares of the valid entries ``<= t`` (or ``< t``)."""
+  if isinstance(d, Sorted):
+    b = jnp.minimum(jnp.searchsorted(d.xs, t, side=side, method="scan_unrolled"), d.n).astype(jnp.int32)
+    return b, d.s1[b], d.s2[b]
+  return _over_chunks(lambda t: _column_sums(d, _column_search(d, t, side)), t)
+
+
+def _sortable(x: Array) -> Array:
+  """uint32 in the order of the (non-NaN) float32 ``x``."""
+  b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _unsortable(k: Array) -> Array:
+  b = jnp.where((k >> 31) == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _ends(d: Data) -> tuple[Array, Array]:
+  """The smallest and the largest valid entry (``+inf`` and the padding when there are none)."""
+  if isinstance(d, Sorted):
+    return d.xs[0], d.xs[jnp.maximum(d.n - 1, 0)]
+  last = jnp.take_along_axis(d.cols, jnp.maximum(d.counts - 1, 0)[None], axis=0)[0]
+  return jnp.min(d.cols[0]), jnp.max(jnp.where(d.counts > 0, last, -jnp.inf))
+
+
+def _count(d: Columns, keys: Array, side: str) -> Array:
+  return jnp.sum(_column_search(d, _unsortable(keys), side), axis=0)
+
+
+def _bracket(d: Columns, ranks: Array) -> tuple[Array, Array]:
+  """Sortable images ``lo <= hi`` between which the entries at ``ranks`` lie.
+
+  With ``f = rank / n``, fewer than ``rank + 1`` entries are below the smallest
+  over columns of each column's entry at index ``f * n_c - 1``, and at least
+  ``rank + 1`` are at most the largest of each column's entry at index
+  ``(rank + 1) / n * n_c + 1`` (the one-index margins cover float rounding).
+  """
+  cnt = d.counts.astype(jnp.float32)[:, None]
+  nf = jnp.maximum(d.n, 1).astype(jnp.float32)
+  f, g = ranks.astype(jnp.float32) / nf, (ranks + 1).astype(jnp.float32) / nf
+  i = jnp.maximum(jnp.floor(f * cnt) - 1, 0).astype(jnp.int32)  # (C, q)
+  j = (jnp.minimum(jnp.ceil(g * cnt) + 1, cnt) - 1).astype(jnp.int32)
+  used = (d.counts > 0)[None]
+  lo = jnp.min(jnp.where(used, jnp.take_along_axis(d.cols, i.T, axis=0), jnp.inf), axis=1)
+  hi = jnp.max(jnp.where(used, jnp.take_along_axis(d.cols, jnp.maximum(j, 0).T, axis=0), -jnp.inf), axis=1)
+  return _sortable(lo), _sortable(hi)
+
+
+def _select(d: Columns, ranks: Array) -> Array:
+  """The sortable images of the entries at ``ranks`` (``< n``): for each, the smallest
+  ``K`` with ``count(<= K) > rank``, by bisection over ``[lo, hi]`` (``_bracket``)."""
+  lo, hi = _bracket(d, ranks)
+
+  def body(state):
+    lo, hi = state
+    mid = lo + (hi - lo) // 2
+    enough = _count(d, mid, "right") > ranks
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  return jax.lax.while_loop(lambda s: jnp.any(s[0] < s[1]), body, (lo, hi))[0]
+
+
+def _at(d: Data, ranks: Array) -> Array:
+  """The valid entries at ``ranks`` (0-based, clipped to ``[0, n - 1]``) in sorted order."""
+  ranks = jnp.clip(ranks, 0, jnp.maximum(d.n - 1, 0))
+  if isinstance(d, Sorted):
+    return d.xs[ranks]
+  return _unsortable(_over_chunks(lambda r: (_select(d, r),), ranks)[0])
+
+
+def _prefix(d: Data, ranks: Array) -> tuple[Array, Array, Array]:
+  """Centred prefix sums (values, squares) of the first ``ranks`` sorted valid entries,
+  and the entries at ``ranks`` (clipped as in ``_at``)."""
+  v = _at(d, ranks)
+  if isinstance(d, Sorted):
+    return d.s1[ranks], d.s2[ranks], v
+  # The entries below v, and v once for each of its ties inside the prefix.
+  c, t1, t2 = _below(d, v, "left")
+  ties = (ranks - c).astype(jnp.float32)
+  dv = v - d.shift
+  return jnp.where(d.n > 0, t1 + ties * dv, 0.0), jnp.where(d.n > 0, t2 + ties * dv * dv, 0.0), v
+
+
+def _run_ends(d: Data, t: Array, b: Array) -> tuple[Array, Array]:
+  """First and last entry of each run between thresholds ``t`` (``(k + 1,)``, ranks ``b``).
+
+  Run ``j`` holds the valid entries in ``(t[j], t[j + 1]]``; its values are
+  meaningful only where it holds at least one entry.
+  """
+  if isinstance(d, Sorted):
+    return d.xs[jnp.minimum(b[:-1], d.xs.shape[0] - 1)], d.xs[jnp.maximum(b[1:] - 1, 0)]
+
+  def ends(t):
+    idx = _column_search(d, t, "right")  # (C, chunk)
+    above = jnp.take_along_axis(d.cols, jnp.minimum(idx, d.cols.shape[0] - 1).T, axis=0)
+    upto = jnp.take_along_axis(d.cols, jnp.maximum(idx - 1, 0).T, axis=0)
+    first = jnp.min(jnp.where((idx < d.counts[:, None]).T, above, jnp.inf), axis=1)
+    return first, jnp.max(jnp.where((idx > 0).T, upto, -jnp.inf), axis=1)
+
+  first, last = _over_chunks(ends, t)
+  return first[:-1], last[1:]
+
+
+def _runs(shift: Array, lo: tuple[Array, Array, Array], hi: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+  """Count, mean and squared error of runs from their ends' (count, s1, s2) (broadcasting)."""
+  cnt = hi[0] - lo[0]
   w = jnp.maximum(cnt, 1).astype(jnp.float32)
-  t1 = s.s1[hi] - s.s1[lo]
-  sse = jnp.maximum(s.s2[hi] - s.s2[lo] - t1 * t1 / w, 0.0)
-  return cnt, s.shift + t1 / w, jnp.where(cnt > 0, sse, 0.0)
-
-
-def _last(s: Sorted) -> Array:
-  return s.xs[jnp.maximum(s.n - 1, 0)]
+  t1 = hi[1] - lo[1]
+  sse = jnp.maximum(hi[2] - lo[2] - t1 * t1 / w, 0.0)
+  return cnt, shift + t1 / w, jnp.where(cnt > 0, sse, 0.0)
 
 
 def init_linear(x: Array, valid: Array, k: int) -> Array:
@@ -119,7 +323,7 @@ def init_linear(x: Array, valid: Array, k: int) -> Array:
   return lo + (hi - lo) * (jnp.arange(k, dtype=jnp.float32) / (k - 1))
 
 
-def init_density(x: Array, valid: Array, k: int) -> Array:
+def init_density(d: Data, k: int) -> Array:
   """Centroids at evenly spaced levels of the empirical CDF of the valid entries.
 
   Centroid ``j`` is the inverse empirical CDF at ``(j + 1/2) / k``: the smallest
@@ -127,17 +331,15 @@ def init_density(x: Array, valid: Array, k: int) -> Array:
   ``quantile(..., method="inverted_cdf")``).
 
   Args:
-    x, valid, k: as for ``init_linear``.
+    d: the sorted entries (``sort_valid`` or ``sort_columns``).
+    k: number of centroids.
 
   Returns:
     float32 ``(k,)``, ascending; zeros when nothing is valid.
   """
-  n = jnp.sum(valid, dtype=jnp.int32)
-  ordered = jnp.sort(jnp.where(valid, x, jnp.inf))
   levels = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k
-  idx = jnp.ceil(levels * n.astype(jnp.float32)).astype(jnp.int32) - 1
-  idx = jnp.clip(idx, 0, jnp.maximum(n - 1, 0))
-  return jnp.where(n > 0, ordered[idx], jnp.zeros((k,), jnp.float32))
+  idx = jnp.ceil(levels * d.n.astype(jnp.float32)).astype(jnp.int32) - 1
+  return jnp.where(d.n > 0, _at(d, idx), jnp.zeros((k,), jnp.float32))
 
 
 def init_kmeans_pp(x: Array, valid: Array, k: int, key: Array) -> Array:
@@ -198,7 +400,7 @@ def num_cuts(size: int, k: int, groups: int) -> int:
   return max(min(size, MAX_CUTS, budget), k, 1)
 
 
-def init_optimal(s: Sorted, k: int, cuts: int) -> Array:
+def init_optimal(d: Data, k: int, cuts: int) -> Array:
   """The k-means optimum over partitions whose boundaries lie on candidate cuts.
 
   The candidates are ``round(j n / cuts)`` for ``j = 0..cuts`` (every position
@@ -209,7 +411,7 @@ def init_optimal(s: Sorted, k: int, cuts: int) -> Array:
   of run errors.
 
   Args:
-    s: the sorted group (``sort_valid``).
+    d: the sorted entries (``sort_valid`` or ``sort_columns``).
     k: number of clusters.
     cuts: number of equal-count cuts (``num_cuts``).
 
@@ -217,18 +419,19 @@ def init_optimal(s: Sorted, k: int, cuts: int) -> Array:
     float32 ``(k,)``, ascending: the means of the optimal runs (an empty run,
     possible only with fewer distinct values than ``k``, repeats its neighbour).
   """
-  size = s.xs.shape[0]
-  nf = s.n.astype(jnp.float32)
+  size = d.xs.shape[0] if isinstance(d, Sorted) else d.cols.size
+  nf = d.n.astype(jnp.float32)
   pos = jnp.floor(jnp.arange(cuts + 1, dtype=jnp.float32) * (nf / cuts) + 0.5).astype(jnp.int32)
-  pos = [jnp.minimum(pos, s.n)]
+  pos = [jnp.minimum(pos, d.n)]
   if size > cuts:
     m = max(cuts // 4, 2)
-    lo, hi = s.xs[0], _last(s)
+    lo, hi = _ends(d)
     edges = lo + (hi - lo) * (jnp.arange(1, m, dtype=jnp.float32) / m)
-    pos.append(jnp.minimum(jnp.searchsorted(s.xs, edges, side="right"), s.n).astype(jnp.int32))
+    pos.append(_below(d, edges)[0])
   pos = jnp.sort(jnp.concatenate(pos))
   c = pos.shape[0]
-  cnt, _, sse = _runs(s, pos[:, None], pos[None, :])
+  s1, s2, at_pos = _prefix(d, pos)
+  cnt, _, sse = _runs(d.shift, (pos[:, None], s1[:, None], s2[:, None]), (pos[None], s1[None], s2[None]))
   row, col = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
   cost = jnp.where(row <= col, sse, jnp.inf)  # cost[l, i]: one cluster over cuts l..i
 
@@ -243,11 +446,11 @@ def init_optimal(s: Sorted, k: int, cuts: int) -> Array:
     return arg[i], arg[i]
 
   _, starts = jax.lax.scan(back, jnp.int32(c - 1), args, reverse=True)
-  bounds = pos[jnp.concatenate([jnp.zeros((1,), jnp.int32), starts, jnp.full((1,), c - 1, jnp.int32)])]
-  cnt, mean, _ = _runs(s, bounds[:-1], bounds[1:])
+  bi = jnp.concatenate([jnp.zeros((1,), jnp.int32), starts, jnp.full((1,), c - 1, jnp.int32)])
+  lo_i, hi_i = bi[:-1], bi[1:]
+  cnt, mean, _ = _runs(d.shift, (pos[lo_i], s1[lo_i], s2[lo_i]), (pos[hi_i], s1[hi_i], s2[hi_i]))
   # An empty run takes the value at its position, so the centroids stay sorted.
-  at = s.xs[jnp.clip(bounds[:-1], 0, jnp.maximum(s.n - 1, 0))]
-  return jnp.where(s.n > 0, jnp.where(cnt > 0, mean, at), 0.0)
+  return jnp.where(d.n > 0, jnp.where(cnt > 0, mean, at_pos[lo_i]), 0.0)
 
 
 def assign(x: Array, centroids: Array) -> Array:
@@ -264,16 +467,7 @@ def assign(x: Array, centroids: Array) -> Array:
   return jnp.searchsorted(mid, x, side="left", method="scan_unrolled").astype(jnp.int32)
 
 
-def _bounds(s: Sorted, centroids: Array) -> Array:
-  """``(k + 1,)`` run boundaries in the sorted data of the nearest-centroid partition."""
-  mid = 0.5 * (centroids[1:] + centroids[:-1])
-  # x goes to the lower centroid when x <= mid (as in ``assign``).
-  b = jnp.searchsorted(s.xs, mid, side="right", method="scan_unrolled").astype(jnp.int32)
-  b = jnp.minimum(b, s.n)
-  return jnp.concatenate([jnp.zeros((1,), jnp.int32), b, s.n[None]])
-
-
-def lloyd_sorted(s: Sorted, centroids: Array, max_iters: int) -> tuple[Array, Array]:
+def lloyd_sorted(d: Data, centroids: Array, max_iters: int) -> tuple[Array, Array]:
   """Lloyd iterations until the partition stops changing, at most ``max_iters``.
 
   Each iteration moves every centroid to the mean of its run and re-seeds the
@@ -281,7 +475,7 @@ def lloyd_sorted(s: Sorted, centroids: Array, max_iters: int) -> tuple[Array, Ar
   with the largest squared error (among runs of at least two distinct values).
 
   Args:
-    s: the sorted group.
+    d: the sorted entries (``sort_valid`` or ``sort_columns``).
     centroids: float32 ``(k,)``, the start.
     max_iters: the iteration cap (a Python int, may be 0).
 
@@ -290,17 +484,24 @@ def lloyd_sorted(s: Sorted, centroids: Array, max_iters: int) -> tuple[Array, Ar
   """
 
   def step(c):
-    b = _bounds(s, c)
-    cnt, mean, sse = _runs(s, b[:-1], b[1:])
+    # Run j: the entries in (t[j], t[j + 1]]; x goes to the lower centroid when
+    # x <= mid (as in ``assign``).
+    inf = jnp.full((1,), jnp.inf, jnp.float32)
+    t = jnp.concatenate([-inf, 0.5 * (c[1:] + c[:-1]), inf])
+    b, t1, t2 = _below(d, t)
+    cnt, mean, sse = _runs(d.shift, (b[:-1], t1[:-1], t2[:-1]), (b[1:], t1[1:], t2[1:]))
     new = jnp.where(cnt > 0, mean, c)
-    first = s.xs[jnp.minimum(b[:-1], s.xs.shape[0] - 1)]
-    last = s.xs[jnp.maximum(b[1:] - 1, 0)]
-    splittable = (cnt > 1) & (last > first)
-    big = jnp.argmax(jnp.where(splittable, sse, -1.0))
-    far = jnp.where(new[big] - first[big] > last[big] - new[big], first[big], last[big])
     empty = cnt == 0
-    reseed = jnp.any(empty) & jnp.any(splittable)
-    new = jnp.where(reseed, new.at[jnp.argmax(empty)].set(far), new)
+
+    def reseed(new):
+      first, last = _run_ends(d, t, b)
+      splittable = (cnt > 1) & (last > first)
+      big = jnp.argmax(jnp.where(splittable, sse, -1.0))
+      far = jnp.where(new[big] - first[big] > last[big] - new[big], first[big], last[big])
+      return jnp.where(jnp.any(splittable), new.at[jnp.argmax(empty)].set(far), new)
+
+    # The ends of the runs are needed only to re-seed an empty cluster.
+    new = jax.lax.cond(jnp.any(empty), reseed, lambda new: new, new)
     return jnp.sort(new)
 
   def cond(carry):
@@ -339,23 +540,27 @@ def kmeans(
   """Initialisation then Lloyd to convergence, for one group.
 
   Args:
-    x: float32 ``(n,)``; valid: bool ``(n,)``; k: number of centroids.
+    x: float32 ``(n,)``, sorted whole (``sort_valid``), or ``(R, C)``, sorted by
+      columns (``sort_columns``: a sharded ``x`` is not gathered, except by
+      ``"kmeans++"``, which draws from the flattened entries).
+    valid: bool, the shape of ``x``.
+    k: number of centroids.
     init: one of ``INITS``.
     iters: the Lloyd iteration cap.
     key: PRNG key, used by ``"kmeans++"`` only.
     cuts: equal-count cuts of ``"optimal"`` (``num_cuts``).
 
   Returns:
-    As ``lloyd``.
+    As ``lloyd``, the assignments in the shape of ``x``.
   """
-  s = sort_valid(x, valid)
+  d = sort_valid(x, valid) if x.ndim == 1 else sort_columns(x, valid)
   if init == "optimal":
-    c0 = init_optimal(s, k, cuts)
+    c0 = init_optimal(d, k, cuts)
   elif init == "linear":
     c0 = init_linear(x, valid, k)
   elif init == "density":
-    c0 = init_density(x, valid, k)
+    c0 = init_density(d, k)
   else:
-    c0 = init_kmeans_pp(x, valid, k, key)
-  c, _ = lloyd_sorted(s, c0, iters)
+    c0 = init_kmeans_pp(x.reshape(-1), valid.reshape(-1), k, key)
+  c, _ = lloyd_sorted(d, c0, iters)
   return c, assign(x, c)

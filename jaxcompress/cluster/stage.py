@@ -34,6 +34,15 @@ Array = jax.Array
 
 MAX_BITS = 8
 
+#: One codebook per layer is clustered from the leaf's sorted columns
+#: (``kmeans1d.sort_columns``) when the leaf has at least this many entries: a
+#: sharded leaf is then never gathered (sorting it whole does gather it). Below,
+#: the whole leaf is sorted, which is faster for the ``"optimal"`` init (on
+#: XLA:CPU, 784x300: 0.07 s against 0.22 s; 4096x4096: 5.3 s against 9.0 s; the
+#: ``"linear"`` and ``"density"`` inits take the same time either way) and
+#: gathers at most 4 MiB of float32.
+COLUMNS_MIN_SIZE = 2**20
+
 
 class ClusterState(NamedTuple):
   """State of one clustered leaf.
@@ -216,15 +225,26 @@ class Cluster(Stage):
 @functools.partial(jax.jit, static_argnums=0)
 def _cluster(stage: Cluster, value: Array, key: Array | None) -> tuple[Array, Array]:
   """Centroids (``(k,)`` or ``(channels, k)``, value dtype) and uint8 assignments."""
+  k = stage.num_centroids
+  if stage.channel_axis is None and stage.centroid_init != "kmeans++" and value.size >= COLUMNS_MIN_SIZE:
+    # One codebook: the leaf as a matrix, sorted by columns (kmeans1d.sort_columns),
+    # so that a sharded leaf is neither flattened nor sorted whole (both gather it).
+    # kmeans++ draws from the flattened leaf and takes the path below.
+    x = value.astype(jnp.float32).reshape(-1, value.shape[-1] if value.ndim > 1 else 1)
+    valid = x != 0
+    centroids, assignments = _km.kmeans(
+        x, valid, k, init=stage.centroid_init, iters=stage.iters, key=None,
+        cuts=_km.num_cuts(x.size, k, 1),
+    )
+    assignments = jnp.where(valid, assignments, 0).astype(jnp.uint8)
+    return centroids.astype(value.dtype), assignments.reshape(value.shape)
   x = stage._grouped(value.astype(jnp.float32))
   valid = x != 0
   keys = None if key is None else jax.random.split(key, x.shape[0])
-  cuts = _km.num_cuts(x.shape[1], stage.num_centroids, x.shape[0])
+  cuts = _km.num_cuts(x.shape[1], k, x.shape[0])
 
   def one(xg, vg, kg):
-    return _km.kmeans(
-        xg, vg, stage.num_centroids, init=stage.centroid_init, iters=stage.iters, key=kg, cuts=cuts
-    )
+    return _km.kmeans(xg, vg, k, init=stage.centroid_init, iters=stage.iters, key=kg, cuts=cuts)
 
   centroids, assignments = jax.vmap(one)(x, valid, keys)
   assignments = jnp.where(valid, assignments, 0).astype(jnp.uint8)
