@@ -297,7 +297,9 @@ def _run_ends(d: Data, t: Array, b: Array) -> tuple[Array, Array]:
   return first[:-1], last[1:]
 
 
-def _runs(shift: Array, lo: tuple[Array, Array, Array], hi: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+def _runs(
+    shift: Array, lo: tuple[Array, Array, Array], hi: tuple[Array, Array, Array]
+) -> tuple[Array, Array, Array]:
   """Count, mean and squared error of runs from their ends' (count, s1, s2) (broadcasting)."""
   cnt = hi[0] - lo[0]
   w = jnp.maximum(cnt, 1).astype(jnp.float32)
