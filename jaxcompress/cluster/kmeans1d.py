@@ -229,13 +229,15 @@ def _bracket(d: Columns, ranks: Array) -> tuple[Array, Array]:
   With ``f = rank / n``, fewer than ``rank + 1`` entries are below the smallest
   over columns of each column's entry at index ``f * n_c - 1``, and at least
   ``rank + 1`` are at most the largest of each column's entry at index
-  ``(rank + 1) / n * n_c + 1`` (the one-index margins cover float rounding).
+  ``(rank + 1) / n * n_c + 1``. The margins (one index, and one more per 2^20
+  entries of a column) cover the float32 rounding of those indices.
   """
   cnt = d.counts.astype(jnp.float32)[:, None]
+  margin = 1.0 + jnp.ceil(cnt * 2.0**-20)
   nf = jnp.maximum(d.n, 1).astype(jnp.float32)
   f, g = ranks.astype(jnp.float32) / nf, (ranks + 1).astype(jnp.float32) / nf
-  i = jnp.maximum(jnp.floor(f * cnt) - 1, 0).astype(jnp.int32)  # (C, q)
-  j = (jnp.minimum(jnp.ceil(g * cnt) + 1, cnt) - 1).astype(jnp.int32)
+  i = jnp.maximum(jnp.floor(f * cnt) - margin, 0).astype(jnp.int32)  # (C, q)
+  j = (jnp.minimum(jnp.ceil(g * cnt) + margin, cnt) - 1).astype(jnp.int32)
   used = (d.counts > 0)[None]
   lo = jnp.min(jnp.where(used, jnp.take_along_axis(d.cols, i.T, axis=0), jnp.inf), axis=1)
   hi = jnp.max(jnp.where(used, jnp.take_along_axis(d.cols, jnp.maximum(j, 0).T, axis=0), -jnp.inf), axis=1)
