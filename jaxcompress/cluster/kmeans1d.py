@@ -59,6 +59,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.select import float_of_sortable_bits, sortable_bits
+
 Array = jax.Array
 
 #: Centroid initialisations. ``"optimal"`` is the global optimum (dynamic
@@ -200,17 +202,6 @@ def _below(d: Data, t: Array, side: str = "right") -> tuple[Array, Array, Array]
   return _over_chunks(lambda t: _column_sums(d, _column_search(d, t, side)), t)
 
 
-def _sortable(x: Array) -> Array:
-  """uint32 in the order of the (non-NaN) float32 ``x``."""
-  b = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  return jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(0x80000000))
-
-
-def _unsortable(k: Array) -> Array:
-  b = jnp.where((k >> 31) == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
-  return jax.lax.bitcast_convert_type(b, jnp.float32)
-
-
 def _ends(d: Data) -> tuple[Array, Array]:
   """The smallest and the largest valid entry (``+inf`` and the padding when there are none)."""
   if isinstance(d, Sorted):
@@ -220,7 +211,7 @@ def _ends(d: Data) -> tuple[Array, Array]:
 
 
 def _count(d: Columns, keys: Array, side: str) -> Array:
-  return jnp.sum(_column_search(d, _unsortable(keys), side), axis=0)
+  return jnp.sum(_column_search(d, float_of_sortable_bits(keys), side), axis=0)
 
 
 def _bracket(d: Columns, ranks: Array) -> tuple[Array, Array]:
@@ -241,7 +232,7 @@ def _bracket(d: Columns, ranks: Array) -> tuple[Array, Array]:
   used = (d.counts > 0)[None]
   lo = jnp.min(jnp.where(used, jnp.take_along_axis(d.cols, i.T, axis=0), jnp.inf), axis=1)
   hi = jnp.max(jnp.where(used, jnp.take_along_axis(d.cols, jnp.maximum(j, 0).T, axis=0), -jnp.inf), axis=1)
-  return _sortable(lo), _sortable(hi)
+  return sortable_bits(lo), sortable_bits(hi)
 
 
 def _select(d: Columns, ranks: Array) -> Array:
@@ -263,7 +254,7 @@ def _at(d: Data, ranks: Array) -> Array:
   ranks = jnp.clip(ranks, 0, jnp.maximum(d.n - 1, 0))
   if isinstance(d, Sorted):
     return d.xs[ranks]
-  return _unsortable(_over_chunks(lambda r: (_select(d, r),), ranks)[0])
+  return float_of_sortable_bits(_over_chunks(lambda r: (_select(d, r),), ranks)[0])
 
 
 def _prefix(d: Data, ranks: Array) -> tuple[Array, Array, Array]:

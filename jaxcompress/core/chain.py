@@ -34,6 +34,13 @@ from jaxcompress.core.stage import materialize as _materialize
 PyTree = Any
 
 
+def _whole_leaves(stage: Stage, tree: Any) -> tuple[Any, bool]:
+  """``(tree, resharded)``: replicated where an Explicit mesh shards it, unless the stage keeps shardings."""
+  if stage.keeps_sharding:
+    return tree, False
+  return _sharding.replicate_explicit(tree)
+
+
 def is_array(v: Any) -> bool:
   """True for an array value; False for a structured value (factors) or None."""
   return hasattr(v, "shape") and hasattr(v, "dtype") and not hasattr(v, "materialize")
@@ -186,7 +193,7 @@ class Chain(Stage):
         items += parts
         item_paths += [paths[n]] * len(parts)
         item_keys += [_fold(_fold(keys[n], si), q) for q in range(len(parts))]
-      gathered, explicit = (items, False) if stage.keeps_sharding else _sharding.replicate_explicit(items)
+      gathered, explicit = _whole_leaves(stage, items)
       out = stage.init_group(gathered, paths=item_paths, keys=item_keys)
       if explicit:
         out = [(_sharding.reshard_like(p, v), _sharding.reshard_like(st, v)) for (p, st), v in zip(out, items)]
@@ -217,10 +224,7 @@ class Chain(Stage):
         iparams += _parts(params[n].get(k), len(parts), is_arr)
         istates += _parts(states[n][k], len(parts), is_arr)
       grads_stats = [(c.grad, c.stat) for c in ictxs]
-      gathered = (items, iparams, istates, grads_stats)
-      explicit = False
-      if not stage.keeps_sharding:
-        gathered, explicit = _sharding.replicate_explicit(gathered)
+      gathered, explicit = _whole_leaves(stage, (items, iparams, istates, grads_stats))
       g_items, g_params, g_states, g_gs = gathered
       g_ctxs = [c._replace(grad=g, stat=st) for c, (g, st) in zip(ictxs, g_gs)]
       out = stage.update_group(g_items, g_params, g_states, g_ctxs)

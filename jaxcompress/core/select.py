@@ -54,7 +54,7 @@ _BOTTOM = np.uint32(0)  # the image of NaN, below every number
 _DIGIT_BITS = 2  # bits decided per counting pass: 2**2 - 1 = 3 counts per entry
 
 
-def _sortable_bits(x: jax.Array) -> jax.Array:
+def sortable_bits(x: jax.Array) -> jax.Array:
   """uint32 whose unsigned order equals the float order of ``x`` (float32).
 
   NaN is mapped below every number (NaN scores are dropped first).
@@ -68,6 +68,16 @@ def _sortable_bits(x: jax.Array) -> jax.Array:
   b = jnp.where(neg, ~b, b | jnp.uint32(0x80000000))
   # -inf maps to 0x007FFFFF, so 0 is free for NaN, below every number.
   return jnp.where(nan, jnp.uint32(0), b)
+
+
+def float_of_sortable_bits(bits: jax.Array) -> jax.Array:
+  """The float32 whose ``sortable_bits`` are ``bits`` (any uint32: a bisection's midpoints too).
+
+  The inverse of ``sortable_bits`` for every number but ``-0.0`` (its image is
+  ``+0.0``'s); ``0`` and the images above ``+inf`` decode to NaN.
+  """
+  b = jnp.where((bits >> 31) == 1, bits & jnp.uint32(0x7FFFFFFF), ~bits)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
 def _count_at_least(
@@ -288,7 +298,7 @@ def topk_masks(
   total = sum(int(np.prod(jnp.shape(s))) for s in scores)
   if total == 0:
     return [jnp.zeros(jnp.shape(s), jnp.bool_) for s in scores]
-  bits = [_sortable_bits(jnp.asarray(s)) for s in scores]
+  bits = [sortable_bits(jnp.asarray(s)) for s in scores]
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
   # Empty arrays take no part in the select.
   live = [i for i, b in enumerate(bits) if b.size]
@@ -384,7 +394,7 @@ def topk_rows(
 @jax.jit
 def _topk_rows(scores: jax.Array, k: jax.Array, previous: jax.Array | None) -> jax.Array:
   k = jnp.clip(k, 0, scores.shape[1])
-  bits = _sortable_bits(scores)
+  bits = sortable_bits(scores)
   if previous is None:
     return _select([bits], k)[0]
   previous = previous.astype(jnp.bool_)

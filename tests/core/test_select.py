@@ -141,13 +141,13 @@ def test_a_guess_that_breaks_a_tie_differently_is_not_taken():
 
 
 def test_still_exact_predicate():
-  from jaxcompress.core.select import _check_guess, _sortable_bits
+  from jaxcompress.core.select import _check_guess, sortable_bits
 
   def _still_exact(previous, bits, k):
     return _check_guess(previous, bits, k)[0]
 
   x = jnp.array([0.0, 3.0, 0.0, -2.0, 1.0])
-  bits = [_sortable_bits(jnp.abs(x))]
+  bits = [sortable_bits(jnp.abs(x))]
   right = [jnp.array([False, True, False, True, False])]
   assert bool(_still_exact(right, bits, jnp.int32(2)))
   assert not bool(_still_exact(right, bits, jnp.int32(3)))  # k moved
@@ -156,7 +156,7 @@ def test_still_exact_predicate():
   zeros = [jnp.array([True, False, False, False, False])]
   assert not bool(_still_exact(zeros, bits, jnp.int32(1)))  # a tie at 0 across the cut
   assert bool(_still_exact([jnp.zeros(5, bool)], bits, jnp.int32(0)))
-  assert bool(_still_exact([jnp.ones(5, bool)], [_sortable_bits(x * jnp.nan)], jnp.int32(5)))
+  assert bool(_still_exact([jnp.ones(5, bool)], [sortable_bits(x * jnp.nan)], jnp.int32(5)))
 
 
 def test_previous_must_match_the_scores():
@@ -180,11 +180,11 @@ def test_band_from_the_last_masks_finds_the_exact_answer(scale, drift):
 
 @pytest.mark.slow
 def test_band_limits_hold_for_a_wrong_guess_with_the_right_count():
-  from jaxcompress.core.select import _check_guess, _sortable_bits
+  from jaxcompress.core.select import _check_guess, sortable_bits
 
   rng = np.random.default_rng(3)
   x = rng.normal(size=(64, 9)).astype(np.float32)
-  bits = [_sortable_bits(jnp.asarray(x))]
+  bits = [sortable_bits(jnp.asarray(x))]
   for k in (1, 5, 300, 576):
     guess = [jnp.asarray(m) for m in _random_masks_keeping(rng, [x.shape], k)]
     still, lo, hi = _check_guess(guess, bits, jnp.int32(k))
@@ -216,3 +216,14 @@ def test_every_refinement_step_against_numpy(span_bits):
     want = (int(t), int(k - (bits > t).sum()), int((bits == t).sum()))
     got = _kth_largest_bits([jnp.asarray(bits)], jnp.int32(k), jnp.uint32(lo), jnp.uint32(lo + span))
     assert tuple(int(v) for v in got) == want
+
+
+def test_sortable_bits_order_floats_and_decode_back():
+  from jaxcompress.core.select import float_of_sortable_bits, sortable_bits
+
+  x = np.array([-np.inf, -3.0e38, -1.0, -1e-30, 0.0, 1e-30, 2.0, 3.0e38, np.inf], np.float32)
+  bits = np.asarray(sortable_bits(jnp.asarray(x)))
+  assert (np.diff(bits.astype(np.int64)) > 0).all()  # strictly increasing, as numpy orders x
+  np.testing.assert_array_equal(np.asarray(float_of_sortable_bits(jnp.asarray(bits))).view(np.uint32), x.view(np.uint32))
+  assert sortable_bits(jnp.float32(-0.0)) == sortable_bits(jnp.float32(0.0))
+  assert np.isnan(float_of_sortable_bits(jnp.uint32(0)))
