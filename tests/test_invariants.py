@@ -115,7 +115,7 @@ def test_state_structure_stable_and_no_retrace(case):
 
 
 # Explicit meshes: a stage that keeps the sharding (``Stage.keeps_sharding``)
-# runs on the shards, the others on replicated copies; every case runs on
+# runs on the shards, the others with the axes made Auto; every case runs on
 # them, one of each path in README's command and the rest under `slow`.
 FAST_EXPLICIT = {"prune_rigl", "quant_lowrank_then_lsq_int8"}
 SHARDED = [

@@ -13,9 +13,11 @@ bookkeeping of composition lives here, once:
 - ``update`` writes the first stage's returned value back as the new weight
   (pruning zeroes what it removes); stages after the first get the gradient of
   their own input (pulled back through a factorization's ``materialize``);
-- under an Explicit-axis mesh, a stage that needs whole leaves
-  (``Stage.keeps_sharding`` false: sorts, reshapes, factorizations) runs on
-  replicated copies, resharded back; the others run on the shards as they are.
+- under an Explicit-axis mesh, a stage that is not written for explicit
+  sharding (``Stage.keeps_sharding`` false: sorts, reshapes, factorizations)
+  runs with the mesh's Explicit axes made Auto (``jax.sharding.auto_axes``):
+  XLA partitions it as on an Auto mesh and its outputs get the derived
+  shardings; the others run on the shards as they are.
 
 ``jc.Spec`` is then a loop over rules, each owning one chain.
 """
@@ -34,11 +36,49 @@ from jaxcompress.core.stage import materialize as _materialize
 PyTree = Any
 
 
-def _whole_leaves(stage: Stage, tree: Any) -> tuple[Any, bool]:
-  """``(tree, resharded)``: replicated where an Explicit mesh shards it, unless the stage keeps shardings."""
+def _partitioned(stage: Stage, fn: Callable[[Any], Any], args: Any, out_shardings: Callable) -> Any:
+  """``fn(args)``; for a stage that does not keep shardings, with Explicit axes made Auto.
+
+  Such a stage (sorts, factorizations) is not written for explicit sharding;
+  inside ``jax.sharding.auto_axes`` XLA partitions it as on an Auto mesh
+  (sharded where the algorithm allows, gathered by XLA where not), and its
+  outputs are laid out by ``out_shardings`` (``core.sharding.call_partitioned``).
+  """
   if stage.keeps_sharding:
-    return tree, False
-  return _sharding.replicate_explicit(tree)
+    return fn(args)
+  return _sharding.call_partitioned(fn, args, out_shardings)[0]
+
+
+def _init_shardings(items: list[Any]) -> Callable:
+  """Each item's params and state laid out as derived from the item (a mask as the weight)."""
+
+  def shardings(abstract_out, sharding_of):
+    return [
+        jax.tree_util.tree_map(
+            lambda a, v=v: _sharding.derive(sharding_of(v), tuple(v.shape), tuple(a.shape)), o
+        )
+        for o, v in zip(abstract_out, items)
+    ]
+
+  return shardings
+
+
+def _update_shardings(likes: list[Any]) -> Callable:
+  """Each ``(value, params, state)`` laid out as before the update.
+
+  Stages keep their structure across updates; anything that does not match
+  its old value is replicated.
+  """
+
+  def shardings(abstract_out, sharding_of):
+    return [
+        jax.tree_util.tree_map(sharding_of, like)
+        if jax.tree_util.tree_structure(o) == jax.tree_util.tree_structure(like)
+        else jax.tree_util.tree_map(lambda _: sharding_of(None), o)
+        for o, like in zip(abstract_out, likes)
+    ]
+
+  return shardings
 
 
 def is_array(v: Any) -> bool:
@@ -193,10 +233,12 @@ class Chain(Stage):
         items += parts
         item_paths += [paths[n]] * len(parts)
         item_keys += [_fold(_fold(keys[n], si), q) for q in range(len(parts))]
-      gathered, explicit = _whole_leaves(stage, items)
-      out = stage.init_group(gathered, paths=item_paths, keys=item_keys)
-      if explicit:
-        out = [(_sharding.reshard_like(p, v), _sharding.reshard_like(st, v)) for (p, st), v in zip(out, items)]
+      out = _partitioned(
+          stage,
+          lambda a, stage=stage, item_paths=item_paths: stage.init_group(a[0], paths=item_paths, keys=a[1]),
+          (items, item_keys),
+          _init_shardings(items),
+      )
       for n, (a, m) in enumerate(spans):
         params[n][k] = _join([o[0] for o in out[a : a + m]], arr[n])
         states[n][k] = _join([o[1] for o in out[a : a + m]], arr[n])
@@ -223,13 +265,17 @@ class Chain(Stage):
         items += parts
         iparams += _parts(params[n].get(k), len(parts), is_arr)
         istates += _parts(states[n][k], len(parts), is_arr)
-      grads_stats = [(c.grad, c.stat) for c in ictxs]
-      gathered, explicit = _whole_leaves(stage, (items, iparams, istates, grads_stats))
-      g_items, g_params, g_states, g_gs = gathered
-      g_ctxs = [c._replace(grad=g, stat=st) for c, (g, st) in zip(ictxs, g_gs)]
-      out = stage.update_group(g_items, g_params, g_states, g_ctxs)
-      if explicit:
-        out = [_sharding.reshard_as(o, like) for o, like in zip(out, zip(items, iparams, istates))]
+      def run(a, stage=stage, ictxs=ictxs):
+        g_items, g_params, g_states, g_ctxs = a
+        ctxs_in = [c._replace(step=st, grad=g, stat=x, key=k) for c, (st, g, x, k) in zip(ictxs, g_ctxs)]
+        return stage.update_group(g_items, g_params, g_states, ctxs_in)
+
+      out = _partitioned(
+          stage,
+          run,
+          (items, iparams, istates, [(c.step, c.grad, c.stat, c.key) for c in ictxs]),
+          _update_shardings(list(zip(items, iparams, istates))),
+      )
       for n, (a, m) in enumerate(spans):
         new_v = [o[0] for o in out[a : a + m]]
         if k in params[n]:

@@ -75,71 +75,11 @@ def explicit_sharding(x: Any) -> Any:
   return None
 
 
-def replicate_explicit(tree: Any) -> tuple[Any, bool]:
-  """``tree`` with every array that an Explicit mesh axis shards made replicated.
-
-  Stages compute on whole leaves (a top-k over all weights, an SVD, k-means
-  over all values), which explicit sharding does not partition implicitly; on
-  Auto meshes (GSPMD) and without a mesh this returns ``tree`` unchanged.
-
-  Returns:
-    ``(tree, changed)``; ``changed`` says whether anything was resharded.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    >>> from jaxcompress.core.sharding import replicate_explicit
-    >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
-    ...                      devices=jax.devices()[:2])
-    >>> w = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P("model")))
-    >>> (full,), changed = replicate_explicit((w,))
-    >>> changed, full.sharding.is_fully_replicated
-    (True, True)
-  """
-  changed = False
-
-  def one(x):
-    nonlocal changed
-    sharding = explicit_sharding(x)
-    if sharding is None:
-      return x
-    changed = True
-    return _reshard(x, sharding, PartitionSpec())
-
-  return jax.tree_util.tree_map(one, tree), changed
-
-
-def reshard_like(tree: Any, param: Any) -> Any:
-  """Every array of ``tree`` resharded as derived from the Explicit sharding of ``param``.
-
-  The inverse of ``replicate_explicit`` for the outputs of a stage: a mask
-  gets the weight's sharding, a per-channel scale its channel axis (``derive``).
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    >>> from jaxcompress.core.sharding import reshard_like
-    >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
-    ...                      devices=jax.devices()[:2])
-    >>> w = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P(None, "model")))
-    >>> scale = jnp.ones((1, 2))  # per output channel, made on a replicated copy
-    >>> tuple(reshard_like(scale, w).sharding.spec)
-    (None, 'model')
-  """
-  sharding = explicit_sharding(param)
-  if sharding is None:
-    return tree
-  shape = tuple(param.shape)
-  return jax.tree_util.tree_map(
-      lambda a: _reshard(a, sharding, derive(sharding, shape, tuple(a.shape)).spec), tree
-  )
-
-
 def reshard_as(tree: Any, like: Any) -> Any:
   """Every array of ``tree`` resharded as the matching array of ``like`` was.
 
-  For a stage's new state and params, which keep the structure of the old ones
-  (an invariant of every stage). Arrays of ``like`` without Explicit sharding,
+  For arrays made from others that keep their structure (a LoRA delta is
+  laid out as its base kernel). Arrays of ``like`` without Explicit sharding,
   and trees whose structure differs, leave ``tree`` as it is.
 
   Example:
@@ -199,3 +139,69 @@ def _reshard(x: Any, like: NamedSharding, spec: PartitionSpec) -> Any:
     return jax.sharding.reshard(x, target)
   # Eagerly, x may live on one device (a constant a stage made): a transfer.
   return jax.device_put(x, target)
+
+
+def _sharding_on(x: Any, mesh: Any) -> NamedSharding:
+  """The ``NamedSharding`` of ``x``; replicated on ``mesh`` when it has none (a host constant)."""
+  sharding = x.sharding if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) else None
+  if sharding is None:
+    try:
+      sharding = jax.typeof(x).sharding
+    except (TypeError, AttributeError):
+      sharding = None
+  if isinstance(sharding, NamedSharding) and not sharding.mesh.empty:
+    return sharding
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def call_partitioned(fn: Any, args: Any, out_shardings: Any) -> tuple[Any, bool]:
+  """``fn(args)`` with the Explicit mesh axes that shard ``args`` made Auto inside it.
+
+  For computations that are not written for explicit sharding (sorts,
+  factorizations, reshapes): inside, XLA's partitioner shards them as it does
+  on an Auto mesh, so a leaf sharded over an Explicit axis is not gathered
+  where a sharded algorithm exists, and is gathered by XLA where none does.
+  The outputs are laid out as ``out_shardings(abstract_out, sharding_of)``
+  says: a tree of ``NamedSharding`` like ``abstract_out`` (``fn``'s output
+  shapes), where ``sharding_of(x)`` is the sharding of an input ``x``
+  (replicated for a host constant). Only array leaves
+  of ``args`` travel into ``fn``; the others (strings, Python numbers, None)
+  are passed as they are.
+
+  Returns:
+    ``(out, changed)``: without an Explicit axis sharding ``args``, ``fn(args)``
+    as it is and False.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> from jaxcompress.core.sharding import call_partitioned, derive
+    >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
+    ...                      devices=jax.devices()[:2])
+    >>> w = jax.device_put(jnp.arange(8.0).reshape(2, 4), NamedSharding(mesh, P(None, "model")))
+    >>> sort_rows = lambda a: jnp.sort(a.reshape(-1)).reshape(a.shape)  # a reshape explicit axes refuse
+    >>> out, changed = call_partitioned(
+    ...     sort_rows, w, lambda o, sharding_of: derive(sharding_of(w), w.shape, o.shape))
+    >>> changed, tuple(out.sharding.spec), out[1].tolist()
+    (True, (None, 'model'), [4.0, 5.0, 6.0, 7.0])
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  idx = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+  like = next((s for s in (explicit_sharding(leaves[i]) for i in idx) if s is not None), None)
+  if like is None:
+    return fn(args), False
+  mesh = like.mesh
+  axes = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+
+  def on_arrays(arrays):
+    full = list(leaves)
+    for i, a in zip(idx, arrays):
+      full[i] = a
+    return fn(treedef.unflatten(full))
+
+  arrays = [leaves[i] for i in idx]
+  abstract_args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arrays)
+  abstract_out = jax.eval_shape(on_arrays, abstract_args)
+  shardings = out_shardings(abstract_out, lambda x: _sharding_on(x, mesh))
+  out = jax.sharding.auto_axes(on_arrays, axes=axes, out_sharding=shardings)(arrays)
+  return out, True

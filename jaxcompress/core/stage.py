@@ -76,13 +76,14 @@ class Stage:
   """
 
   replaces_weight: ClassVar[bool] = False
-  #: Whether ``init``/``update`` (and their group forms) run on a leaf as an
-  #: Explicit mesh shards it. ``False`` (the default, always safe): under an
-  #: Explicit mesh the chain hands the stage replicated copies of its leaves and
-  #: reshards what it returns, so each device holds the whole leaf. A stage
-  #: whose computations are elementwise, or reduce along any axis without
-  #: reshaping, sorting or factoring the leaf, sets ``True`` (or a property
-  #: that says so per configuration) and then never gathers.
+  #: Whether ``init``/``update`` (and their group forms) are written for
+  #: explicit sharding. ``False`` (the default, always safe): under an
+  #: Explicit mesh the chain runs them with the mesh's axes made Auto, so XLA
+  #: partitions them as on an Auto mesh (gathering what it cannot partition),
+  #: and lays their outputs out as derived from the leaf. A stage whose
+  #: computations are elementwise, or reduce along any axis without reshaping,
+  #: sorting or factoring the leaf, sets ``True`` (or a property that says so
+  #: per configuration) and then runs on the Explicit shards as they are.
   keeps_sharding: ClassVar[bool] = False
   #: Short name, used as the key of this stage's params/state in a leaf. Every
   #: concrete stage sets it (``jc.Rule`` refuses a stage without one).

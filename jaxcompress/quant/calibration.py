@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.core import sharding as _sharding
 from jaxcompress.core.checks import check_int, check_number
 from jaxcompress.quant import numerics
 from jaxcompress.quant.numerics import Format, Granularity
@@ -108,6 +109,19 @@ class MinMax(Calibrator):
     return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
 
 
+def _nanpercentile(view: Array, *, axis, keepdims: bool, q: float) -> Array:
+  """``jnp.nanpercentile`` (a sort), partitioned by XLA where an Explicit mesh shards ``view``.
+
+  ``jnp``'s quantiles are not written for explicit sharding; with the axes
+  made Auto the sort runs per shard when the reduced axes are not split, and
+  XLA gathers them when they are. The result keeps the kept axes' sharding.
+  """
+  fn = lambda v: jnp.nanpercentile(v, q, axis=axis, keepdims=True)
+  derived = lambda out, sharding_of: _sharding.derive(sharding_of(view), view.shape, out.shape)
+  r = _sharding.call_partitioned(fn, view, derived)[0]
+  return r if keepdims else jnp.squeeze(r, axis)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Percentile(Calibrator):
   """Ranges at the ``q``-th percentile (linear interpolation, as ``np.percentile``).
@@ -135,7 +149,7 @@ class Percentile(Calibrator):
     xf = jnp.where(jnp.isfinite(xf), xf, jnp.nan)  # nanpercentile skips them
 
     def pct(v, q):
-      r = numerics.reduce_blocks(v, granularity, functools.partial(jnp.nanpercentile, q=q))
+      r = numerics.reduce_blocks(v, granularity, functools.partial(_nanpercentile, q=q))
       return jnp.where(jnp.isnan(r), 0.0, r)  # a block with no finite value
 
     if fmt.symmetric:
