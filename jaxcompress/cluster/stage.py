@@ -202,22 +202,64 @@ class Cluster(Stage):
     return centroids, ClusterState(assignments, jnp.ones((), jnp.bool_))
 
   def apply(self, value, params, state):
-    a = state.assignments.astype(jnp.int32)
-    ax = self._axis(value.ndim)
-    if ax is not None:
-      channel = jax.lax.broadcasted_iota(jnp.int32, value.shape, ax)
-      a = channel * self.num_centroids + a
-    # The gather takes the assignments' sharding (stated for Explicit meshes).
-    spec = _sharding.explicit_sharding(a)
-    shared = params.reshape(-1).at[a].get(out_sharding=spec)
-    clustered = jnp.where(value != 0, shared, jnp.zeros_like(value))
-    return jnp.where(state.clustered, clustered, value)
+    return _shared(params, state.assignments, value, state.clustered, self._axis(value.ndim))
 
   def update(self, value, params, state, ctx: UpdateContext):
     if self.begin_step == 0:
       return value, params, state
     self._key_needed(ctx.key, ctx.path, "spec.update")
     return value, *_cluster_at_step(self, value, params, state, ctx.step, ctx.key, ctx.path)
+
+
+def _gather(table: Array, assignments: Array, axis: int | None) -> Array:
+  a = assignments.astype(jnp.int32)
+  if axis is not None:
+    a = jax.lax.broadcasted_iota(jnp.int32, a.shape, axis) * table.shape[-1] + a
+  # The gather takes the assignments' sharding (stated for Explicit meshes).
+  return table.reshape(-1).at[a].get(out_sharding=_sharding.explicit_sharding(a))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _shared(table: Array, assignments: Array, value: Array, active: Array, axis: int | None) -> Array:
+  """``Cluster.apply``: each nonzero entry's centroid once ``active``, else ``value``.
+
+  ``table`` is ``(k,)``, or ``(channels, k)`` with the channels along
+  ``axis``. A centroid's gradient is the sum of the gradients of the entries
+  assigned to it. Autodiff of the gather and the selects makes that a
+  scatter-add fed with a masked copy of the gradient, int32 indices and a
+  flattened copy (three weights' worth of temporaries); here the gradient
+  goes in as it is, with uint8 indices (uint16 for 256 centroids) that send
+  zero entries out of bounds, where the scatter drops them. Sums are float32.
+  """
+  clustered = jnp.where(value != 0, _gather(table, assignments, axis), jnp.zeros_like(value))
+  return jnp.where(active, clustered, value)
+
+
+def _shared_fwd(table, assignments, value, active, axis):
+  return _shared(table, assignments, value, active, axis), (table, assignments, value, active)
+
+
+def _shared_bwd(axis, res, g):
+  table, a, value, active = res
+  k = table.shape[-1]
+  index = jnp.where(active & (value != 0), a.astype(jnp.int32), k).astype(jnp.uint8 if k < 256 else jnp.uint16)
+  dims = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=(),
+      inserted_window_dims=(table.ndim - 1,),
+      scatter_dims_to_operand_dims=(table.ndim - 1,),
+      operand_batching_dims=() if axis is None else (0,),
+      scatter_indices_batching_dims=() if axis is None else (axis,),
+  )
+  scatter = lambda ig: jax.lax.scatter_add(
+      jnp.zeros(table.shape, jnp.float32), ig[0][..., None], ig[1].astype(jnp.float32), dims,
+      mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+  )
+  # Partitioned by XLA on Explicit meshes too (per-shard sums, then one all-reduce).
+  d_table, _ = _sharding.call_partitioned(scatter, (index, g), lambda out, sharding_of: sharding_of(table))
+  return d_table.astype(table.dtype), None, jnp.where(active, jnp.zeros_like(g), g), None
+
+
+_shared.defvjp(_shared_fwd, _shared_bwd)
 
 
 # Jitted with the stage static: inlined under an outer jit, and compiled once
