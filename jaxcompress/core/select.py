@@ -42,16 +42,28 @@ bits that band's ends share are skipped. The result is the same either way.
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.core import sharding as _sharding
+
 
 _TOP = np.uint32(0xFFFFFFFF)  # above every sortable image (+inf maps to 0xFF800000)
 _BOTTOM = np.uint32(0)  # the image of NaN, below every number
 _DIGIT_BITS = 2  # bits decided per counting pass: 2**2 - 1 = 3 counts per entry
+
+#: An array, or a function that computes it where it is used, called with a
+#: uint32 zero: inside the counting loop, an elementwise function of arrays
+#: already in memory (iotas, compares) then fuses into each pass instead of
+#: being materialized as a loop operand of the whole leaf's size. The zero
+#: changes nothing but must enter the computation at its leaves (each iota,
+#: each compare): inside the loop it is opaque and varies with the pass, so
+#: XLA cannot hoist the computation out of the loop and materialize it there.
+Lazy = Union[jax.Array, Callable[[jax.Array], jax.Array]]
 
 
 def sortable_bits(x: jax.Array) -> jax.Array:
@@ -80,8 +92,15 @@ def float_of_sortable_bits(bits: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
+def _value(x: Lazy, zero: jax.Array) -> jax.Array:
+  return x(zero) if callable(x) else x
+
+
 def _count_at_least(
-    keys: Sequence[jax.Array], cands: Sequence[jax.Array], valid: Sequence[jax.Array] | None
+    keys: Sequence[Lazy],
+    cands: Sequence[jax.Array],
+    valid: Sequence[Lazy] | None,
+    zero: jax.Array = np.uint32(0),
 ) -> list[jax.Array]:
   """Per row, how many valid keys are ``>=`` each candidate ``(rows, 1)``, over all arrays.
 
@@ -92,10 +111,10 @@ def _count_at_least(
   """
   totals = None
   for i, ks in enumerate(keys):
+    ks = _value(ks, zero)
+    ok = None if valid is None else _value(valid[i], zero)
     cs = [c.reshape(c.shape[:1] + (1,) * (ks.ndim - 1)) for c in cands]
-    ops = tuple(
-        ((ks >= c) if valid is None else ((ks >= c) & valid[i])).astype(jnp.int32) for c in cs
-    )
+    ops = tuple(((ks >= c) if ok is None else ((ks >= c) & ok)).astype(jnp.int32) for c in cs)
     counts = jax.lax.reduce(
         ops, (jnp.int32(0),) * len(ops), lambda x, y: tuple(u + v for u, v in zip(x, y)),
         tuple(range(1, ks.ndim)),
@@ -105,15 +124,18 @@ def _count_at_least(
 
 
 def _kth_largest(
-    keys: Sequence[jax.Array],
+    keys: Sequence[Lazy],
     k: jax.Array,
     n_bits: int,
-    valid: Sequence[jax.Array] | None = None,
+    valid: Sequence[Lazy] | None = None,
     band: tuple[jax.Array, jax.Array] | None = None,
+    *,
+    shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per row, the largest ``t`` with ``count(keys >= t) >= k``, by counting passes.
 
-  ``keys`` are uint32 arrays ``(rows, n_i)`` below ``2**n_bits``, counted
+  ``keys`` are uint32 arrays ``(rows, n_i)`` (arrays, or ``Lazy`` functions
+  of the given ``shapes``) below ``2**n_bits``, counted
   together per row; only the entries where ``valid`` is True count (all of
   them when None). ``k`` is int32 ``(rows,)`` with ``1 <= k <=`` the valid
   count of the row. Each pass decides ``_DIGIT_BITS`` bits of every row's
@@ -128,7 +150,9 @@ def _kth_largest(
     ``(t, at_least, above)``: the thresholds (uint32 ``(rows,)``), and per row
     how many valid entries are ``>= t`` and ``> t``.
   """
-  rows = keys[0].shape[0]
+  if shapes is None:
+    shapes = [ks.shape for ks in keys]
+  rows = shapes[0][0]
 
   def count_pass(shift, width, state):
     # Within [t, t + 2**(shift + width)), which digit of `width` bits at `shift`
@@ -136,7 +160,9 @@ def _kth_largest(
     # range's start and its end.
     t, at_least, above = state
     cands = [(t | (jnp.uint32(j) << shift))[:, None] for j in range(1, 1 << width)]
-    counts = _count_at_least(keys, cands, valid)
+    # A zero that XLA cannot fold, and that varies with the pass (see Lazy).
+    zero = jax.lax.optimization_barrier((shift, jnp.uint32(0)))[1]
+    counts = _count_at_least(keys, cands, valid, zero)
     # counts[j - 1]: entries >= t + j * 2**shift, non-increasing in j.
     digit = sum((c >= k).astype(jnp.uint32) for c in counts)
     ladder = [at_least, *counts, above]
@@ -149,9 +175,12 @@ def _kth_largest(
   full = n_bits // _DIGIT_BITS
   if band is None:
     if valid is None:
-      at_least = jnp.full((rows,), sum(int(np.prod(ks.shape[1:])) for ks in keys), jnp.int32)
+      at_least = jnp.full((rows,), sum(int(np.prod(sh[1:])) for sh in shapes), jnp.int32)
     else:
-      at_least = sum(jnp.sum(v, axis=tuple(range(1, v.ndim)), dtype=jnp.int32) for v in valid)
+      at_least = sum(
+          jnp.sum(_value(v, np.uint32(0)), axis=tuple(range(1, len(sh))), dtype=jnp.int32)
+          for v, sh in zip(valid, shapes)
+      )
     # Start: the range [0, 2**n_bits) holds every key, none is at least its end.
     state = (jnp.zeros((rows,), jnp.uint32), at_least, jnp.zeros((rows,), jnp.int32))
     if n_bits % _DIGIT_BITS:  # a first, narrower pass
@@ -177,6 +206,21 @@ def _kth_largest(
   )
 
 
+def _flipped_index(like: jax.Array, top: int, zero: jax.Array) -> jax.Array:
+  """``top`` minus each entry's row-major flat index within its row (uint32), laid out as ``like``.
+
+  ``zero`` enters every iota (see ``Lazy``).
+  """
+  shape = like.shape
+  sharding = _sharding.explicit_sharding(like)
+  index = jnp.zeros(shape, jnp.uint32, out_sharding=sharding) + zero
+  for ax in range(1, len(shape)):
+    stride = int(np.prod(shape[ax + 1 :]))
+    iota = jax.lax.broadcasted_iota(jnp.uint32, shape, ax, out_sharding=sharding) + zero
+    index = index + iota * jnp.uint32(stride)
+  return jnp.uint32(top) - index
+
+
 def _select(
     bits: Sequence[jax.Array], k: jax.Array, band: tuple[jax.Array, jax.Array] | None = None
 ) -> list[jax.Array]:
@@ -186,7 +230,7 @@ def _select(
   """
   rows = bits[0].shape[0]
   need = jnp.broadcast_to(jnp.maximum(k, 1), (rows,)).astype(jnp.int32)
-  t, at_least, above = _kth_largest(bits, need, 32, band=band)
+  t, at_least, above = _kth_largest(bits, need, 32, band=band, shapes=[b.shape for b in bits])
   per_row = lambda x, b: x.reshape((rows,) + (1,) * (b.ndim - 1))
   need = need - above  # of the at_least - above entries equal to t, the row keeps need
 
@@ -195,18 +239,18 @@ def _select(
 
   def keep_first_ties(_):
     # The need-th largest reversed index among the ties: the need-th tie from the left.
+    # Computed where used (Lazy): materialized, the indices alone would be a
+    # uint32 copy of every leaf.
     total = sum(int(np.prod(b.shape[1:])) for b in bits)
     eqs, flipped, offset = [], [], 0
     for b in bits:
-      index = jnp.zeros(b.shape, jnp.uint32)  # the row-major flat index within a row
-      for ax in range(1, b.ndim):
-        stride = int(np.prod(b.shape[ax + 1 :]))
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, b.shape, ax) * jnp.uint32(stride)
-      flipped.append(jnp.uint32(total - 1 - offset) - index)
-      eqs.append(b == per_row(t, b))
+      flipped.append(functools.partial(_flipped_index, b, total - 1 - offset))
+      eqs.append(lambda zero, b=b: b == per_row(t, b) + zero)
       offset += int(np.prod(b.shape[1:]))
-    c, _, _ = _kth_largest(flipped, need, max(total - 1, 1).bit_length(), eqs)
-    return [(b > per_row(t, b)) | (eq & (f >= per_row(c, b))) for b, eq, f in zip(bits, eqs, flipped)]
+    shapes = [b.shape for b in bits]
+    c, _, _ = _kth_largest(flipped, need, max(total - 1, 1).bit_length(), eqs, shapes=shapes)
+    z = np.uint32(0)
+    return [(b > per_row(t, b)) | (eq(z) & (f(z) >= per_row(c, b))) for b, eq, f in zip(bits, eqs, flipped)]
 
   masks = jax.lax.cond(jnp.all(need == at_least - above), keep_all_ties, keep_first_ties, None)
   return [m & (k > 0) for m in masks]
