@@ -221,10 +221,12 @@ def train_state_shardings(
   o_abs = jax.eval_shape(optimizer.init, t_abs)
   o_sh = optax.tree_utils.tree_map_params(
       optimizer,
-      lambda _, sh: sh,
+      lambda x, sh: x if isinstance(x, optax.MaskedNode) else sh,
       o_abs,
       t_sh,
       transform_non_params=lambda _: replicated,
+      # optax.masked holds MaskedNode() where it keeps no state (jc.lowrank.adapters_only).
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode),
   )
   return TrainState(
       step=replicated,

@@ -290,20 +290,22 @@ def adapter_mask(trainable: PyTree) -> PyTree:
 
 
 def adapters_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``inner``, with every update outside the LoRA adapters set to zero.
+  """``inner`` for the LoRA adapters alone; every other update is zero.
 
   Only ``a`` and ``b`` train: the frozen bases (also where ``LoRA`` follows
   other stages, so that its ``update_mask`` is not asked), the stages' other
   params and the leaves no rule selects get a zero update from any ``inner``,
-  decoupled weight decay included. The bases' gradients are zero already, so
-  their moments stay zero. Works with the step builders, which wrap it in
-  ``jc.masked_optimizer``.
+  decoupled weight decay included. ``inner`` holds state (Adam's moments)
+  for the adapters only: the bases carry none, so the optimizer's memory is
+  that of the adapters, not twice the model's. Works with the step builders,
+  which wrap it in ``jc.masked_optimizer``.
 
   Args:
     inner: the optimizer of the adapters, e.g. ``optax.adamw(1e-3)``.
 
   Returns:
-    ``optax.chain(inner, optax.masked(optax.set_to_zero(), not adapter_mask))``.
+    ``optax.chain(optax.masked(inner, adapter_mask),
+    optax.masked(optax.set_to_zero(), not adapter_mask))``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jaxcompress as jc
@@ -316,7 +318,7 @@ def adapters_only(inner: optax.GradientTransformation) -> optax.GradientTransfor
     [False, False, True, True]
   """
   frozen = lambda t: jax.tree_util.tree_map(lambda m: not m, adapter_mask(t))
-  return optax.chain(inner, optax.masked(optax.set_to_zero(), frozen))
+  return optax.chain(optax.masked(inner, adapter_mask), optax.masked(optax.set_to_zero(), frozen))
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxcompress as jc
 import jaxcompress.testing as jt
@@ -364,3 +365,23 @@ def test_qlora_distillation_recovers_the_loss_of_a_3_bit_base():
     assert bits_equal(a, b)  # the int4 base (and the biases) bit for bit
   for name in teacher:
     assert bits_equal(ts.trainable[name]["kernel"].weight, teacher[name]["kernel"])
+
+
+def test_adapters_only_holds_no_optimizer_state_for_the_base():
+  # QLoRA's point is memory: Adam's moments of the frozen base were zeros of
+  # the base's size (twice the model), kept in every train state.
+  params = {"w": jnp.ones((256, 512)), "b": jnp.ones(512)}
+  spec = jc.Spec([jc.Rule("w", [jc.quant.FakeQuant(bits=4), LoRA(4)])])
+  opt = jc.lowrank.adapters_only(optax.adam(1e-3))
+  ts = jc.init_train_state(spec, opt, params)
+  adapter = ts.trainable["w"].params["lora"]
+  opt_bytes = sum(x.nbytes for x in jax.tree.leaves(ts.opt_state))
+  assert opt_bytes <= 2 * (adapter.a.nbytes + adapter.b.nbytes) + 64, opt_bytes
+  # The step builders and the state's shardings work with it.
+  mesh = jax.make_mesh((1,), ("model",))
+  sh = jc.train_state_shardings(spec, opt, params, {"w": NamedSharding(mesh, P()), "b": NamedSharding(mesh, P())})
+  assert jax.tree.structure(sh.opt_state) == jax.tree.structure(ts.opt_state)
+  step = jc.make_train_step(lambda p, x: jnp.sum((x @ p["w"] + p["b"]) ** 2), spec, opt)
+  ts, m = step(ts, jnp.ones((2, 256)))
+  assert np.isfinite(float(m["loss"]))
+  assert bool(jnp.any(ts.trainable["w"].params["lora"].b != 0))
