@@ -36,7 +36,9 @@ distance matrix: the number of midpoints below it (``assign``), O(n log k).
 Sharded leaves: sorting a whole leaf split over devices gathers it (XLA does
 not partition a sort of the flattened leaf). ``sort_columns`` instead sorts each
 column of the leaf seen as a matrix ``(prod(shape[:-1]), shape[-1])``, a sort
-along an axis that XLA partitions, with per-column prefix sums. Every question
+along an axis that XLA partitions, with per-column prefix sums kept at block
+boundaries (``PREFIX_BLOCK`` rows; a prefix inside a block adds up its few
+entries), so that the layout holds one copy of the leaf, not three. Every question
 the algorithms ask of the sorted data has an answer from the columns:
 
 - how many entries are at most ``t``, and their sums: a binary search in every
@@ -91,16 +93,27 @@ class Sorted(NamedTuple):
   s2: Array
 
 
+#: Rows per block of the column layout's prefix sums: they are kept at block
+#: boundaries only, and a prefix within a block adds up its entries (at most
+#: this many) from the sorted column.
+PREFIX_BLOCK = 32
+
+
 class Columns(NamedTuple):
-  """The valid entries of a matrix, each column sorted, with centred prefix sums per column.
+  """The valid entries of a matrix, each column sorted, with centred prefix sums per block.
+
+  Full prefix sums would be two more float32 copies of the leaf; at block
+  boundaries they cost ``2 / PREFIX_BLOCK`` of it.
 
   Attributes:
-    cols: float32 ``(R, C)``, each column ascending, its invalid entries ``+inf`` at its end.
+    cols: float32 ``(C, R)``: row ``c`` holds column ``c`` of the matrix ascending
+      (contiguous, for the searches), its invalid entries ``+inf`` at its end.
     counts: int32 ``(C,)``, the valid entries of each column.
     n: int32 scalar, ``sum(counts)``.
     shift: float32 scalar, the mean of the valid entries (0 when there are none).
-    p1: float32 ``(R + 1, C)``, ``p1[i, c] = sum(cols[:i, c] - shift)`` over valid entries.
-    p2: float32 ``(R + 1, C)``, the same for the squares.
+    p1: float32 ``(C, ceil(R / B) + 1)``, ``B = PREFIX_BLOCK``:
+      ``p1[c, i] = sum(cols[c, :i * B] - shift)`` over valid entries.
+    p2: the same for the squares.
   """
 
   cols: Array
@@ -146,16 +159,25 @@ def sort_columns(x: Array, valid: Array) -> Columns:
   Returns:
     A ``Columns``.
   """
-  counts = jnp.sum(valid, axis=0, dtype=jnp.int32)
-  n = jnp.sum(counts)
-  cols = jnp.sort(jnp.where(valid, x, jnp.inf), axis=0)
-  shift = _shift(x, valid, n)
-  d = jnp.where(jnp.arange(x.shape[0])[:, None] < counts, cols - shift, 0.0)
-  zero = jnp.zeros((1, x.shape[1]), jnp.float32)
-  return Columns(
-      cols, counts, n, shift,
-      jnp.concatenate([zero, jnp.cumsum(d, axis=0)]), jnp.concatenate([zero, jnp.cumsum(d * d, axis=0)]),
+  # One variadic reduce: XLA:CPU materializes the operand of a plain large
+  # reduction (a converted copy of the leaf), not of a variadic one.
+  counts, sums = jax.lax.reduce(
+      (valid.astype(jnp.int32), jnp.where(valid, x, 0.0)), (jnp.int32(0), jnp.float32(0)),
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,),
   )
+  n = jnp.sum(counts)
+  # Sorted transposed: each column's entries contiguous (the transpose fuses
+  # into the sort's input; a leaf sharded over its columns stays sharded).
+  cols = jnp.sort(jnp.where(valid, x, jnp.inf).T, axis=1)
+  shift = jnp.sum(sums) / jnp.maximum(n, 1).astype(jnp.float32)
+  r, c = x.shape
+  blocks = -(-r // PREFIX_BLOCK)
+  d = jnp.where(jnp.arange(r)[None] < counts[:, None], cols - shift, 0.0)
+  d = jnp.pad(d, ((0, 0), (0, blocks * PREFIX_BLOCK - r))).reshape(c, blocks, PREFIX_BLOCK)
+  b1, b2 = jax.lax.reduce((d, d * d), (jnp.float32(0),) * 2, lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
+  zero = jnp.zeros((c, 1), jnp.float32)
+  prefix = lambda v: jnp.concatenate([zero, jnp.cumsum(v, axis=1)], axis=1)
+  return Columns(cols, counts, n, shift, prefix(b1), prefix(b2))
 
 
 Data = Sorted | Columns
@@ -183,15 +205,24 @@ def _over_chunks(fn, *qs: Array) -> tuple[Array, ...]:
 def _column_search(d: Columns, t: Array, side: str) -> Array:
   """``(C, q)``: per column, how many valid entries are ``<= t`` (``side="right"``) or ``< t``."""
   found = jax.vmap(
-      lambda col: jnp.searchsorted(col, t, side=side, method="scan_unrolled"), in_axes=1
+      lambda col: jnp.searchsorted(col, t, side=side, method="scan_unrolled")
   )(d.cols)
   return jnp.minimum(found.astype(jnp.int32), d.counts[:, None])
 
 
 def _column_sums(d: Columns, idx: Array) -> tuple[Array, Array, Array]:
-  """Count and centred sums of the first ``idx[c, j]`` entries of every column, summed over columns."""
-  take = lambda p: jnp.sum(jnp.take_along_axis(p, idx.T, axis=0), axis=1)
-  return jnp.sum(idx, axis=0), take(d.p1), take(d.p2)
+  """Count and centred sums of the first ``idx[c, j]`` entries of every column, summed over columns.
+
+  The block prefix below each ``idx``, plus the entries of its block up to it.
+  """
+  c, r = d.cols.shape
+  block = idx // PREFIX_BLOCK  # (C, q)
+  rows = block[..., None] * PREFIX_BLOCK + jnp.arange(PREFIX_BLOCK)  # (C, q, B)
+  vals = jnp.take_along_axis(d.cols, jnp.minimum(rows, r - 1).reshape(c, -1), axis=1).reshape(rows.shape)
+  dv = jnp.where(rows < idx[..., None], vals - d.shift, 0.0)
+  s1 = jnp.take_along_axis(d.p1, block, axis=1) + jnp.sum(dv, axis=2)
+  s2 = jnp.take_along_axis(d.p2, block, axis=1) + jnp.sum(dv * dv, axis=2)
+  return jnp.sum(idx, axis=0), jnp.sum(s1, axis=0), jnp.sum(s2, axis=0)
 
 
 def _below(d: Data, t: Array, side: str = "right") -> tuple[Array, Array, Array]:
@@ -206,8 +237,8 @@ def _ends(d: Data) -> tuple[Array, Array]:
   """The smallest and the largest valid entry (``+inf`` and the padding when there are none)."""
   if isinstance(d, Sorted):
     return d.xs[0], d.xs[jnp.maximum(d.n - 1, 0)]
-  last = jnp.take_along_axis(d.cols, jnp.maximum(d.counts - 1, 0)[None], axis=0)[0]
-  return jnp.min(d.cols[0]), jnp.max(jnp.where(d.counts > 0, last, -jnp.inf))
+  last = jnp.take_along_axis(d.cols, jnp.maximum(d.counts - 1, 0)[:, None], axis=1)[:, 0]
+  return jnp.min(d.cols[:, 0]), jnp.max(jnp.where(d.counts > 0, last, -jnp.inf))
 
 
 def _count(d: Columns, keys: Array, side: str) -> Array:
@@ -229,9 +260,9 @@ def _bracket(d: Columns, ranks: Array) -> tuple[Array, Array]:
   f, g = ranks.astype(jnp.float32) / nf, (ranks + 1).astype(jnp.float32) / nf
   i = jnp.maximum(jnp.floor(f * cnt) - margin, 0).astype(jnp.int32)  # (C, q)
   j = (jnp.minimum(jnp.ceil(g * cnt) + margin, cnt) - 1).astype(jnp.int32)
-  used = (d.counts > 0)[None]
-  lo = jnp.min(jnp.where(used, jnp.take_along_axis(d.cols, i.T, axis=0), jnp.inf), axis=1)
-  hi = jnp.max(jnp.where(used, jnp.take_along_axis(d.cols, jnp.maximum(j, 0).T, axis=0), -jnp.inf), axis=1)
+  used = (d.counts > 0)[:, None]
+  lo = jnp.min(jnp.where(used, jnp.take_along_axis(d.cols, i, axis=1), jnp.inf), axis=0)
+  hi = jnp.max(jnp.where(used, jnp.take_along_axis(d.cols, jnp.maximum(j, 0), axis=1), -jnp.inf), axis=0)
   return sortable_bits(lo), sortable_bits(hi)
 
 
@@ -281,10 +312,10 @@ def _run_ends(d: Data, t: Array, b: Array) -> tuple[Array, Array]:
 
   def ends(t):
     idx = _column_search(d, t, "right")  # (C, chunk)
-    above = jnp.take_along_axis(d.cols, jnp.minimum(idx, d.cols.shape[0] - 1).T, axis=0)
-    upto = jnp.take_along_axis(d.cols, jnp.maximum(idx - 1, 0).T, axis=0)
-    first = jnp.min(jnp.where((idx < d.counts[:, None]).T, above, jnp.inf), axis=1)
-    return first, jnp.max(jnp.where((idx > 0).T, upto, -jnp.inf), axis=1)
+    above = jnp.take_along_axis(d.cols, jnp.minimum(idx, d.cols.shape[1] - 1), axis=1)
+    upto = jnp.take_along_axis(d.cols, jnp.maximum(idx - 1, 0), axis=1)
+    first = jnp.min(jnp.where(idx < d.counts[:, None], above, jnp.inf), axis=0)
+    return first, jnp.max(jnp.where(idx > 0, upto, -jnp.inf), axis=0)
 
   first, last = _over_chunks(ends, t)
   return first[:-1], last[1:]
