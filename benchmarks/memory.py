@@ -4,10 +4,12 @@ A ``4096 x 16384`` float32 kernel (256 MiB) is sharded over its output axis on
 an 8-device mesh (``PartitionSpec(None, "model")``, Auto axes; 8 CPU devices
 through ``XLA_FLAGS``): 32 MiB per device, the unit of every figure. For each
 technique (magnitude pruning at 90%, int8 ``FakeQuant``, SVD low-rank at rank
-512, 4-bit k-means clustering) three programs are compiled, never run:
+512, 4-bit k-means clustering, QLoRA: an int4 ``FakeQuant`` base with rank-16
+``LoRA`` adapters trained by ``jc.lowrank.adapters_only(adam)``) three
+programs are compiled, never run:
 
 - ``init``: ``jax.jit(spec.init, out_shardings=spec.shardings(...))``;
-- ``step``: ``jc.make_train_step`` with Adam and the derived state shardings
+- ``step``: ``jc.make_train_step`` with Adam (QLoRA: Adam on the adapters) and the derived state shardings
   (state donated), loss ``mean((x @ W) ** 2)`` on a replicated batch of 16;
 - ``update``: ``spec.update`` at a step that recomputes the masks (trainable
   and state donated, the gradient an argument), as inside the step.
@@ -25,7 +27,9 @@ temporaries alone, over the same unit.
 ``init_over_params``, ``step_over_params`` and ``update_over_params`` are the
 worst case over the techniques; ``gathers`` lists the programs whose
 temporaries reach the kernel's full (unsharded) size, i.e. that hold a
-replicated dense copy somewhere.
+replicated dense copy somewhere. The same programs are measured on an
+Explicit mesh (``explicit``) and with the kernel split over its input axis
+instead (``row_sharded``, ``PartitionSpec("model", None)``, Auto axes).
 
 Run: ``python benchmarks/memory.py`` (``--quick``: a 512 x 2048 kernel). The
 last line printed is one JSON object.
@@ -60,7 +64,13 @@ def techniques(quick: bool) -> dict[str, jc.Stage]:
       "int8_fake_quant": jc.quant.FakeQuant(bits=8),
       "svd_lowrank": jc.lowrank.svd(rank=64 if quick else 512),
       "kmeans_cluster": jc.cluster.kmeans(bits=4),
+      "qlora": jc.Chain([jc.quant.FakeQuant(bits=4), jc.lowrank.LoRA(rank=16)]),
   }
+
+
+def optimizer(name: str) -> optax.GradientTransformation:
+  """Adam; for QLoRA, Adam on the adapters alone (no moments of the frozen base)."""
+  return jc.lowrank.adapters_only(optax.adam(1e-3)) if name == "qlora" else optax.adam(1e-3)
 
 
 def _loss(p, x):
@@ -74,16 +84,17 @@ def peak_bytes(compiled) -> tuple[int, int]:
   return peak, m.temp_size_in_bytes
 
 
-def measure(stage: jc.Stage, mesh, shape: tuple[int, int]) -> dict[str, tuple[int, int]]:
+def measure(
+    stage: jc.Stage, mesh, shape: tuple[int, int], opt: optax.GradientTransformation, spec_p: P = P(None, "model")
+) -> dict[str, tuple[int, int]]:
   """Per-device bytes (peak and temporaries) of init, step and update for one stage.
 
   Every abstract input carries its sharding (on an Explicit mesh it is part
   of the type that the program is traced with).
   """
   spec = jc.Spec([jc.Rule("kernel", [stage])])
-  p_sh = {"kernel": NamedSharding(mesh, P(None, "model"))}
+  p_sh = {"kernel": NamedSharding(mesh, spec_p)}
   params = {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=p_sh["kernel"])}
-  opt = optax.adam(1e-3)
   t_sh, s_sh = spec.shardings(params, p_sh)
   ts_sh = jc.train_state_shardings(spec, opt, params, p_sh)
   replicated = NamedSharding(mesh, P())
@@ -132,14 +143,19 @@ def main(quick: bool = False) -> dict:
   out: dict = {}
   gathers = []
   t0 = time.perf_counter()
-  for axis_type, key in ((AxisType.Auto, "per_technique"), (AxisType.Explicit, "explicit")):
+  layouts = (
+      (AxisType.Auto, "per_technique", P(None, "model")),
+      (AxisType.Explicit, "explicit", P(None, "model")),
+      (AxisType.Auto, "row_sharded", P("model", None)),
+  )
+  for axis_type, key, spec_p in layouts:
     mesh = jax.make_mesh((DEVICES,), ("model",), axis_types=(axis_type,), devices=jax.devices()[:DEVICES])
     out[key] = {}
     with jax.set_mesh(mesh):
       for name, stage in techniques(quick).items():
-        figures = measure(stage, mesh, shape)
+        figures = measure(stage, mesh, shape, optimizer(name), spec_p)
         out[key][name] = _figures(figures, params_bytes)
-        prefix = "" if axis_type == AxisType.Auto else "explicit."
+        prefix = "" if key == "per_technique" else f"{key}."
         gathers += [f"{prefix}{name}.{p}" for p, (_, temp) in figures.items() if temp >= full_bytes]
   worst = {
       f"{program}_over_params": max(row[program] for row in out["per_technique"].values())

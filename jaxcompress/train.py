@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxcompress.core import sharding as _sharding
 from jaxcompress.core.checks import key_data
 from jaxcompress.core.spec import Spec
 
@@ -90,10 +91,13 @@ def masked_optimizer(inner: optax.GradientTransformation) -> MaskedOptimizer:
     return inner
   inner = optax.with_extra_args_support(inner)
 
+  def keep(x, m):
+    # A mask made without the weight (LoRA's all-False one) is replicated;
+    # on an Explicit mesh it is laid out as the weight first (a local slice).
+    return jnp.where(_sharding.reshard_as(m, x), x, jnp.zeros_like(x))
+
   def mask_tree(tree, masks):
-    return jax.tree_util.tree_map(
-        lambda x, m: x if m is None else jnp.where(m, x, jnp.zeros_like(x)), tree, masks
-    )
+    return jax.tree_util.tree_map(lambda x, m: x if m is None else keep(x, m), tree, masks)
 
   def init(params):
     return inner.init(params)
@@ -107,8 +111,7 @@ def masked_optimizer(inner: optax.GradientTransformation) -> MaskedOptimizer:
     # With masked gradients, the moments it returns are then exactly zero too.
     state = optax.tree_utils.tree_map_params(
         inner,
-        lambda x, m: x if m is None or getattr(x, "shape", None) != m.shape
-        else jnp.where(m, x, jnp.zeros_like(x)),
+        lambda x, m: x if m is None or getattr(x, "shape", None) != m.shape else keep(x, m),
         state,
         masks,
         transform_non_params=lambda x: x,

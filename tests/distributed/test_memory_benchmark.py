@@ -11,8 +11,9 @@ def test_quick_run_accounts_for_every_buffer():
   assert out["kernel"] == [512, 2048] and out["devices"] == 8
   params = out["params_bytes_per_device"]
   assert params == 512 * 2048 * 4 // 8
-  auto, explicit = out["per_technique"], out["explicit"]
-  assert set(auto) == set(explicit) == {"magnitude_prune", "int8_fake_quant", "svd_lowrank", "kmeans_cluster"}
+  auto, explicit, rows = out["per_technique"], out["explicit"], out["row_sharded"]
+  techniques = {"magnitude_prune", "int8_fake_quant", "svd_lowrank", "kmeans_cluster", "qlora"}
+  assert set(auto) == set(explicit) == set(rows) == techniques
   for program in ("init", "step", "update"):
     assert out[f"{program}_over_params"] == max(row[program] for row in auto.values())
   # int8 FakeQuant init: the kernel in and the trainable kernel out, nothing else.
@@ -24,11 +25,16 @@ def test_quick_run_accounts_for_every_buffer():
   assert auto["svd_lowrank"]["update"] == factors == 0.375
   assert auto["svd_lowrank"]["step"] >= 3 * factors
   assert all(auto[t]["step"] >= 3.0 for t in ("magnitude_prune", "int8_fake_quant", "kmeans_cluster"))
+  # QLoRA with adapters_only: the frozen base has no moments, so its step holds
+  # the base, its gradient-free forward and the small adapters' state.
+  assert auto["qlora"]["step"] < 3.0 and explicit["qlora"]["step"] < 3.0
   # A program "gathers" when its temporaries reach the unsharded kernel: 8 per-device units.
+  layouts = {"explicit": explicit, "row_sharded": rows}
   for name in out["gathers"]:
-    mesh, (tech, program) = (explicit, name.split(".")[1:]) if name.startswith("explicit.") else (auto, name.split("."))
+    parts = name.split(".")
+    mesh, (tech, program) = (layouts[parts[0]], parts[1:]) if parts[0] in layouts else (auto, parts)
     assert mesh[tech][f"{program}_temp"] >= 8.0
-  for mesh, prefix in ((auto, ""), (explicit, "explicit.")):
+  for mesh, prefix in ((auto, ""), (explicit, "explicit."), (rows, "row_sharded.")):
     for tech, row in mesh.items():
       for program in ("init", "step", "update"):
         if row[f"{program}_temp"] >= 8.0:
