@@ -19,12 +19,18 @@ only ``(l, l)`` matrices are factorized (Cholesky, eigendecomposition, SVD);
 the orthonormalization multiplies by the inverse of the small Cholesky factor
 rather than solving against the tall matrix. XLA partitions all of it, so a
 kernel split over its columns is never gathered (``benchmarks/memory.py``).
+Under a mesh in context (``jax.set_mesh``) the tall ``(m, l)`` and ``(n, l)``
+matrices are constrained to be split over their rows, so that products over a
+kernel's sharded axis are not all-reduced into replicated copies: a kernel
+split over its rows holds about 6 of its shards in temporaries instead of 12.
 
 ``truncated_svd`` picks the method from the shapes alone (static under jit):
 randomized when ``l = 2 r <= min(m, n) / 4`` and ``min(m, n) >= 256``, with ``q = 8``
 passes, which keeps the Frobenius error within 0.1% of the Eckart-Young optimum
 on flat and on slowly decaying spectra (tested against numpy's float64 SVD).
-The random matrix comes from a fixed key, so the result is deterministic. A
+The random test matrix is a hash of each entry's index and a fixed seed
+(``sketch_matrix``), so the result is deterministic and does not depend on
+how the kernel is sharded. A
 kernel whose rank is below ``l`` (no ``l`` independent directions to find)
 breaks the Cholesky factorizations down; the iteration is then redone with an
 orthonormalization by eigendecomposition that drops null directions. The full
@@ -67,6 +73,55 @@ def uses_randomized(shape: tuple[int, int], r: int) -> bool:
   """
   small = min(shape)
   return small >= RANDOMIZED_MIN_SIZE and r + _oversampling(r) <= RANDOMIZED_MAX_FRACTION * small
+
+
+def _split_rows(y: Array) -> Array:
+  """``y`` (tall) constrained to be split over its rows across the context mesh's Auto axes.
+
+  Products with a sharded kernel contract over its sharded axis; XLA then
+  all-reduces them into replicated tall matrices unless told otherwise. Split
+  over their rows (a reduce-scatter instead), every ``(m, l)`` and ``(n, l)``
+  matrix of the iteration stays sharded, whichever axis the kernel is split
+  over. No-op without a mesh in context (``jax.set_mesh``), or when the rows do
+  not divide among the devices.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return y
+  axes = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Auto)
+  size = 1
+  for n in axes:
+    size *= mesh.shape[n]
+  if not axes or size == 1 or y.shape[0] % size:
+    return y
+  return jax.lax.with_sharding_constraint(y, jax.sharding.PartitionSpec(axes, None))
+
+
+def sketch_matrix(shape: tuple[int, int], seed: int, dtype=jnp.float32) -> Array:
+  """A random ``(n, l)`` test matrix, uniform on ``[-1, 1)``, from a hash of each entry's index.
+
+  Any random matrix with independent, mean-zero, sub-Gaussian entries serves
+  the randomized range finder (Halko et al. 2011, section 11). A counter-based
+  hash of ``(seed, row, column)`` (Wellons's ``lowbias32``) makes it in one
+  elementwise pass: where the matrix is sharded each device computes only
+  its own rows, and no threefry state (several uint32 copies of the matrix) is
+  held. The matrix does not depend on how it is sharded.
+
+  Example:
+    >>> from jaxcompress.lowrank.linalg import sketch_matrix
+    >>> g = sketch_matrix((1000, 8), 0)
+    >>> bool(abs(float(g.mean())) < 0.05), bool(abs(float((g ** 2).mean()) - 1 / 3) < 0.02)
+    (True, True)
+  """
+  n, l = shape
+  i = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+  j = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+  x = i * jnp.uint32(l) + j + jnp.uint32(seed) * jnp.uint32(0x9E3779B9)
+  for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+    x = (x ^ (x >> shift)) * jnp.uint32(mult)
+  x = x ^ (x >> 16)
+  # The top 24 bits, as a float in [-1, 1).
+  return ((x >> 8).astype(jnp.float32) * (2.0**-23) - 1.0).astype(dtype)
 
 
 def _chol_qr(y: Array, gram: Array) -> Array:
@@ -137,10 +192,11 @@ def _is_orthonormal(q: Array) -> Array:
 def _subspace(a: Array, g: Array, power_iters: int, orth) -> tuple[Array, Array, Array]:
   """``(q, z, qz)``: ``q`` a basis of the range of ``a`` found from ``g``, ``z = a^T q``
   and ``qz`` a basis of the columns of ``z``."""
-  q = orth(a @ g)
-  q = jax.lax.fori_loop(0, power_iters, lambda _, q: orth(a @ orth(a.T @ q)), q)
-  z = a.T @ q
-  return q, z, orth(z)
+  rows = _split_rows
+  q = rows(orth(rows(a @ g)))
+  q = jax.lax.fori_loop(0, power_iters, lambda _, q: rows(orth(rows(a @ rows(orth(rows(a.T @ q)))))), q)
+  z = rows(a.T @ q)
+  return q, z, rows(orth(z))
 
 
 def randomized_svd(a: Array, r: int, *, power_iters: int = POWER_ITERS, seed: int = 0) -> tuple[Array, Array, Array]:
@@ -175,7 +231,7 @@ def randomized_svd(a: Array, r: int, *, power_iters: int = POWER_ITERS, seed: in
   """
   m, n = a.shape
   l = min(r + _oversampling(r), m, n)
-  g = jax.random.normal(jax.random.key(seed), (n, l), a.dtype)
+  g = _split_rows(sketch_matrix((n, l), seed, a.dtype))
   q, z, qz = _subspace(a, g, power_iters, orthonormalize)
   ok = _is_orthonormal(q) & _is_orthonormal(qz)
   q, z, qz = jax.lax.cond(
