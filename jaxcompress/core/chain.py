@@ -267,7 +267,7 @@ class Chain(Stage):
         istates += _parts(states[n][k], len(parts), is_arr)
       def run(a, stage=stage, ictxs=ictxs):
         g_items, g_params, g_states, g_ctxs = a
-        ctxs_in = [c._replace(step=st, grad=g, stat=x, key=k) for c, (st, g, x, k) in zip(ictxs, g_ctxs)]
+        ctxs_in = [c._replace(step=st, grad=g, stat=x, key=r) for c, (st, g, x, r) in zip(ictxs, g_ctxs)]
         return stage.update_group(g_items, g_params, g_states, ctxs_in)
 
       out = _partitioned(
