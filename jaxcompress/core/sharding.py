@@ -164,9 +164,9 @@ def call_partitioned(fn: Any, args: Any, out_shardings: Any) -> tuple[Any, bool]
   The outputs are laid out as ``out_shardings(abstract_out, sharding_of)``
   says: a tree of ``NamedSharding`` like ``abstract_out`` (``fn``'s output
   shapes), where ``sharding_of(x)`` is the sharding of an input ``x``
-  (replicated for a host constant). Only array leaves
-  of ``args`` travel into ``fn``; the others (strings, Python numbers, None)
-  are passed as they are.
+  (replicated for a host constant). Only the array leaves of ``args`` travel
+  into ``fn`` as arguments; the others (strings, Python numbers, None) are
+  passed as they are.
 
   Returns:
     ``(out, changed)``: without an Explicit axis sharding ``args``, ``fn(args)``
@@ -179,9 +179,9 @@ def call_partitioned(fn: Any, args: Any, out_shardings: Any) -> tuple[Any, bool]
     >>> mesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,),
     ...                      devices=jax.devices()[:2])
     >>> w = jax.device_put(jnp.arange(8.0).reshape(2, 4), NamedSharding(mesh, P(None, "model")))
-    >>> sort_rows = lambda a: jnp.sort(a.reshape(-1)).reshape(a.shape)  # a reshape explicit axes refuse
+    >>> sort_all = lambda a: jnp.sort(a.reshape(-1)).reshape(a.shape)  # a reshape explicit axes refuse
     >>> out, changed = call_partitioned(
-    ...     sort_rows, w, lambda o, sharding_of: derive(sharding_of(w), w.shape, o.shape))
+    ...     sort_all, w, lambda o, sharding_of: derive(sharding_of(w), w.shape, o.shape))
     >>> changed, tuple(out.sharding.spec), out[1].tolist()
     (True, (None, 'model'), [4.0, 5.0, 6.0, 7.0])
   """
