@@ -66,6 +66,39 @@ _DIGIT_BITS = 2  # bits decided per counting pass: 2**2 - 1 = 3 counts per entry
 Lazy = Union[jax.Array, Callable[[jax.Array], jax.Array]]
 
 
+class LazyScores:
+  """Scores that ``topk_masks`` computes where it uses them, from arrays already in memory.
+
+  Materialized, the scores' uint32 image is a copy of the leaf held through
+  the select. ``fn(zero)`` must compute the scores from arrays the caller
+  holds anyway (the weight), adding the uint32 ``zero`` to them (as float,
+  ``w + zero.astype(w.dtype)``): it is 0, and makes each counting pass
+  recompute the scores instead of XLA hoisting them out of the loop. Meant
+  for cheap elementwise scores (magnitude); anything costlier is recomputed
+  once per pass.
+
+  Args:
+    fn: ``fn(zero) -> scores``.
+    shape: the scores' shape.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.core.select import LazyScores, topk_masks
+    >>> w = jnp.array([3.0, -5.0, 1.0])
+    >>> lazy = LazyScores(lambda zero: jnp.abs(w + zero.astype(w.dtype)), w.shape)
+    >>> topk_masks([lazy], 2)[0].tolist()
+    [True, True, False]
+  """
+
+  def __init__(self, fn: Callable[[jax.Array], jax.Array], shape: Sequence[int]):
+    self.fn = fn
+    self.shape = tuple(int(d) for d in shape)
+    self.size = int(np.prod(self.shape))
+
+  def __call__(self, zero: jax.Array) -> jax.Array:
+    return self.fn(zero)
+
+
 def sortable_bits(x: jax.Array) -> jax.Array:
   """uint32 whose unsigned order equals the float order of ``x`` (float32).
 
@@ -222,35 +255,44 @@ def _flipped_index(like: jax.Array, top: int, zero: jax.Array) -> jax.Array:
 
 
 def _select(
-    bits: Sequence[jax.Array], k: jax.Array, band: tuple[jax.Array, jax.Array] | None = None
+    bits: Sequence[Lazy],
+    k: jax.Array,
+    band: tuple[jax.Array, jax.Array] | None = None,
+    shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> list[jax.Array]:
   """The exact per-row top-k masks of sortable bits ``(rows, n_i)``, ``0 <= k <= sum(n_i)``.
 
   Rows count across the arrays; ties go to earlier arrays, then lower columns.
+  ``bits`` may be ``Lazy`` (then ``shapes`` gives their shapes).
   """
-  rows = bits[0].shape[0]
+  if shapes is None:
+    shapes = [b.shape for b in bits]
+  rows = shapes[0][0]
+  z = np.uint32(0)
   need = jnp.broadcast_to(jnp.maximum(k, 1), (rows,)).astype(jnp.int32)
-  t, at_least, above = _kth_largest(bits, need, 32, band=band, shapes=[b.shape for b in bits])
-  per_row = lambda x, b: x.reshape((rows,) + (1,) * (b.ndim - 1))
+  t, at_least, above = _kth_largest(bits, need, 32, band=band, shapes=shapes)
+  per_row = lambda x, shape: x.reshape((rows,) + (1,) * (len(shape) - 1))
   need = need - above  # of the at_least - above entries equal to t, the row keeps need
 
   def keep_all_ties(_):
-    return [b >= per_row(t, b) for b in bits]
+    return [_value(b, z) >= per_row(t, sh) for b, sh in zip(bits, shapes)]
 
   def keep_first_ties(_):
     # The need-th largest reversed index among the ties: the need-th tie from the left.
     # Computed where used (Lazy): materialized, the indices alone would be a
     # uint32 copy of every leaf.
-    total = sum(int(np.prod(b.shape[1:])) for b in bits)
+    total = sum(int(np.prod(sh[1:])) for sh in shapes)
     eqs, flipped, offset = [], [], 0
-    for b in bits:
-      flipped.append(functools.partial(_flipped_index, b, total - 1 - offset))
-      eqs.append(lambda zero, b=b: b == per_row(t, b) + zero)
-      offset += int(np.prod(b.shape[1:]))
-    shapes = [b.shape for b in bits]
+    for b, sh in zip(bits, shapes):
+      # (_value(b, z) only lends its shape and sharding: XLA drops the computation.)
+      flipped.append(functools.partial(_flipped_index, _value(b, z), total - 1 - offset))
+      eqs.append(lambda zero, b=b, sh=sh: _value(b, zero) == per_row(t, sh) + zero)
+      offset += int(np.prod(sh[1:]))
     c, _, _ = _kth_largest(flipped, need, max(total - 1, 1).bit_length(), eqs, shapes=shapes)
-    z = np.uint32(0)
-    return [(b > per_row(t, b)) | (eq(z) & (f(z) >= per_row(c, b))) for b, eq, f in zip(bits, eqs, flipped)]
+    return [
+        (_value(b, z) > per_row(t, sh)) | (eq(z) & (f(z) >= per_row(c, sh)))
+        for b, sh, eq, f in zip(bits, shapes, eqs, flipped)
+    ]
 
   masks = jax.lax.cond(jnp.all(need == at_least - above), keep_all_ties, keep_first_ties, None)
   return [m & (k > 0) for m in masks]
@@ -314,7 +356,8 @@ def topk_masks(
   clipped to ``[0, total size]``.
 
   Args:
-    scores: float arrays of any shapes.
+    scores: float arrays of any shapes, or ``LazyScores`` (computed in each
+      counting pass instead of held as a uint32 image).
     k: how many entries to keep in total.
     previous: optional bool masks of the same shapes, a guess at the answer
       (the masks of the last update). When they keep exactly ``k`` entries and
@@ -331,33 +374,37 @@ def topk_masks(
     >>> [m.tolist() for m in topk_masks([jnp.array([3., 1.]), jnp.array([2., 5.])], 2)]
     [[True, False], [False, True]]
   """
+  shapes = [s.shape if isinstance(s, LazyScores) else tuple(jnp.shape(s)) for s in scores]
   if previous is not None and (
-      len(previous) != len(scores)
-      or any(tuple(jnp.shape(p)) != tuple(jnp.shape(s)) for p, s in zip(previous, scores))
+      len(previous) != len(scores) or any(tuple(jnp.shape(p)) != sh for p, sh in zip(previous, shapes))
   ):
     raise ValueError(
         "topk_masks: previous must hold one mask per score array, of the same shapes; got "
-        f"{[tuple(jnp.shape(p)) for p in previous]} for {[tuple(jnp.shape(s)) for s in scores]}."
+        f"{[tuple(jnp.shape(p)) for p in previous]} for {shapes}."
     )
-  total = sum(int(np.prod(jnp.shape(s))) for s in scores)
+  total = sum(int(np.prod(sh)) for sh in shapes)
   if total == 0:
-    return [jnp.zeros(jnp.shape(s), jnp.bool_) for s in scores]
-  bits = [sortable_bits(jnp.asarray(s)) for s in scores]
+    return [jnp.zeros(sh, jnp.bool_) for sh in shapes]
+  bits: list[Lazy] = [
+      (lambda zero, s=s: sortable_bits(s(zero))) if isinstance(s, LazyScores) else sortable_bits(jnp.asarray(s))
+      for s in scores
+  ]
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
   # Empty arrays take no part in the select.
-  live = [i for i, b in enumerate(bits) if b.size]
-  flat = [bits[i][None] for i in live]
+  live = [i for i, sh in enumerate(shapes) if int(np.prod(sh))]
+  flat = [(lambda zero, b=bits[i]: _value(b, zero)[None]) for i in live]
 
   def select(band=None):
-    masks = [jnp.zeros(b.shape, jnp.bool_) for b in bits]
-    for i, m in zip(live, _select(flat, k, band)):
+    masks = [jnp.zeros(sh, jnp.bool_) for sh in shapes]
+    for i, m in zip(live, _select(flat, k, band, [(1,) + shapes[i] for i in live])):
       masks[i] = m[0]
     return masks
 
   if previous is None:
     return select()
   previous = [jnp.asarray(p, jnp.bool_) for p in previous]
-  still, lo, hi = _check_guess([previous[i] for i in live], [bits[i] for i in live], k)
+  z = np.uint32(0)
+  still, lo, hi = _check_guess([previous[i] for i in live], [_value(bits[i], z) for i in live], k)
   return jax.lax.cond(still, lambda: previous, lambda: select((lo, hi)))
 
 

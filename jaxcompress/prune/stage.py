@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.checks import check_int, is_number
+from jaxcompress.core.select import LazyScores
 from jaxcompress.core.schedules import ScalarOrSchedule, as_schedule, check_schedule
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.prune import criteria as _criteria
@@ -216,6 +217,24 @@ class Prune(Stage):
     object.__setattr__(self, "sparsity", float(s))  # a numpy or 0-d jax scalar, kept hashable
 
   # -- masks -----------------------------------------------------------------
+  def _lazy(self, values, scores, states, ctxs) -> list[Any]:
+    """Magnitude scores as ``LazyScores``, where the select allows it; else ``scores``.
+
+    The select then recomputes ``|w|`` in each counting pass instead of
+    holding a uint32 image of it (a copy of the leaf) through the select.
+    """
+    lazy = (
+        type(self.criterion) is _criteria.Magnitude
+        and type(self.structure) is _struct.Unstructured
+        and type(self.distribution) in (_dist.Uniform, _dist.Global, _dist.ERK)
+    )
+    if not lazy:
+      return scores
+    return [
+        LazyScores(lambda zero, v=v, st=st, c=c: self.criterion.score(v + zero.astype(v.dtype), st, c), v.shape)
+        for v, st, c in zip(values, states, ctxs)
+    ]
+
   def _masks(self, values, scores, paths, step, previous=None) -> list[jax.Array]:
     if self.structure.density is not None:
       return [self.structure.select(s, p) for s, p in zip(scores, paths)]
@@ -242,7 +261,7 @@ class Prune(Stage):
     ctxs = [UpdateContext(p, step, None, None, k) for p, k in zip(paths, keys)]
     states = [self.criterion.init_state(v, c) for v, c in zip(values, ctxs)]
     scores = [self.criterion.init_score(v, s, c) for v, s, c in zip(values, states, ctxs)]
-    masks = self._masks(values, scores, paths, step)
+    masks = self._masks(values, self._lazy(values, scores, states, ctxs), paths, step)
     return [(None, PruneState(m, s)) for m, s in zip(masks, states)]
 
   def apply(self, value, params, state):
@@ -271,6 +290,7 @@ class Prune(Stage):
 
     def recompute(_):
       scores = [self.criterion.score(v, a, c) for v, a, c in zip(values, accum, ctxs)]
+      scores = self._lazy(values, scores, accum, ctxs)
       masks = self._masks(values, scores, paths, step, [s.mask for s in states])
       if self.straight_through:
         out = list(values)

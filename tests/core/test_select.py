@@ -236,3 +236,18 @@ def test_select_holds_one_uint32_image_of_the_scores():
   f = jax.jit(lambda s: topk_masks([s], 1000)[0])
   temp = f.lower(s).compile().memory_analysis().temp_size_in_bytes
   assert temp < 1.5 * s.size * 4, temp / (s.size * 4)
+
+
+def test_lazy_scores_hold_no_image_of_the_scores():
+  # LazyScores are recomputed in each counting pass from the weight: no
+  # uint32 image of them is held (1 unit with arrays, above).
+  from jaxcompress.core.select import LazyScores
+
+  w = jax.random.normal(jax.random.key(0), (256, 1024))
+  lazy = lambda w: LazyScores(lambda zero: jnp.abs(w + zero.astype(w.dtype)), w.shape)
+  f = jax.jit(lambda w: topk_masks([lazy(w)], 1000)[0])
+  temp = f.lower(w).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 0.5 * w.size * 4, temp / (w.size * 4)
+  np.testing.assert_array_equal(f(w), topk_masks([jnp.abs(w)], 1000)[0])
+  ties = jnp.round(w)  # many ties at the threshold: the tie-break path
+  np.testing.assert_array_equal(jax.jit(lambda w: topk_masks([lazy(w)], 5000)[0])(ties), topk_masks([jnp.abs(ties)], 5000)[0])

@@ -210,3 +210,23 @@ def test_straight_through_gives_zero_for_a_pruned_nan():
   np.testing.assert_array_equal(out, np.where(mask, w, 0.0))  # 0, not NaN, where pruned
   g = jax.jit(jax.grad(lambda tr: jnp.sum(spec.apply(tr, s)["w"] * c)))(t)["w"]
   np.testing.assert_array_equal(np.asarray(g), c)  # the identity to every weight, as before
+
+
+@pytest.mark.parametrize("distribution", [jc.prune.Uniform(), jc.prune.ERK()])
+def test_magnitude_masks_hold_no_copy_of_the_weight(distribution):
+  # The select recomputes |w| in each counting pass (LazyScores): init and a
+  # mask update hold no uint32 image of the scores (one weight's worth before).
+  # (Global's min_kept check counts each mask with a full reduction, whose
+  # operand XLA:CPU materializes: it still holds one int32 copy.)
+  w = {"w": jax.random.normal(jax.random.key(0), (256, 1024))}
+  spec = jc.Spec([jc.Rule("w", [jc.prune.magnitude(sparsity=0.8, distribution=distribution)])])
+  unit = 256 * 1024 * 4
+  init = jax.jit(spec.init).lower(w).compile().memory_analysis()
+  assert init.temp_size_in_bytes < 0.5 * unit, init.temp_size_in_bytes / unit
+  t, s = spec.init(w)
+  update = jax.jit(lambda t, s: spec.update(t, s, jnp.int32(1))).lower(t, s).compile().memory_analysis()
+  assert update.temp_size_in_bytes < 0.75 * unit, update.temp_size_in_bytes / unit
+  # The masks are the exact top-k of |w| (numpy).
+  a = np.abs(np.asarray(w["w"])).reshape(-1)
+  kept = np.asarray(s["w"].stages["prune"].mask).reshape(-1)
+  assert kept.sum() == round(0.2 * a.size) and a[kept].min() > a[~kept].max()
