@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.core.checks import is_concrete
+from jaxcompress.core.select import LazyScores
 from jaxcompress.core.stage import UpdateContext
 
 
@@ -65,6 +66,23 @@ class Criterion:
     """Scores for the mask made by ``spec.init`` (no gradients or stats there)."""
     return self.score(w, state, ctx)
 
+  def lazy_score(self, w: jax.Array, state: Any, ctx: UpdateContext) -> LazyScores | None:
+    """``score`` for the select to recompute in each counting pass, or None (the default).
+
+    A criterion whose score is cheap and elementwise in ``w`` returns it as
+    ``jaxcompress.core.select.LazyScores``: the unstructured select then holds
+    neither the scores nor their uint32 image (a copy of the leaf each). The
+    result must equal ``score``'s (init and updates use it alike).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxcompress as jc
+      >>> lazy = jc.prune.Magnitude().lazy_score(jnp.array([1.0, -2.0]), None, None)
+      >>> lazy(jnp.uint32(0)).tolist(), jc.prune.Random().lazy_score(jnp.ones(2), None, None)
+      ([1.0, 2.0], None)
+    """
+    del w, state, ctx
+    return None
+
   def check(self, w: jax.Array, ctx: UpdateContext) -> jax.Array | None:
     """Checks the inputs of one ``spec.update`` (gradients, statistics).
 
@@ -94,6 +112,10 @@ class Magnitude(Criterion):
   def score(self, w, state, ctx):
     del state, ctx
     return jnp.abs(_f32(w))
+
+  def lazy_score(self, w, state, ctx):
+    # The zero enters at w, so that XLA cannot hoist |w| out of the select's loop.
+    return LazyScores(lambda zero: self.score(w + zero.astype(w.dtype), state, ctx), w.shape)
 
 
 @dataclasses.dataclass(frozen=True)

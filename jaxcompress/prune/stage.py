@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.checks import check_int, is_number
-from jaxcompress.core.select import LazyScores
 from jaxcompress.core.schedules import ScalarOrSchedule, as_schedule, check_schedule
 from jaxcompress.core.stage import Stage, UpdateContext
 from jaxcompress.prune import criteria as _criteria
@@ -218,22 +217,18 @@ class Prune(Stage):
 
   # -- masks -----------------------------------------------------------------
   def _lazy(self, values, scores, states, ctxs) -> list[Any]:
-    """Magnitude scores as ``LazyScores``, where the select allows it; else ``scores``.
+    """The criterion's ``lazy_score`` where the select takes it; else ``scores``.
 
-    The select then recomputes ``|w|`` in each counting pass instead of
-    holding a uint32 image of it (a copy of the leaf) through the select.
+    Unstructured units and the distributions that hand scores straight to
+    ``core.select.topk_masks`` take them; the select then recomputes them in
+    each counting pass instead of holding a copy of the leaf.
     """
-    lazy = (
-        type(self.criterion) is _criteria.Magnitude
-        and type(self.structure) is _struct.Unstructured
-        and type(self.distribution) in (_dist.Uniform, _dist.Global, _dist.ERK)
-    )
-    if not lazy:
+    if type(self.structure) is not _struct.Unstructured or type(self.distribution) not in (
+        _dist.Uniform, _dist.Global, _dist.ERK,
+    ):
       return scores
-    return [
-        LazyScores(lambda zero, v=v, st=st, c=c: self.criterion.score(v + zero.astype(v.dtype), st, c), v.shape)
-        for v, st, c in zip(values, states, ctxs)
-    ]
+    lazy = [self.criterion.lazy_score(v, st, c) for v, st, c in zip(values, states, ctxs)]
+    return [s if z is None else z for s, z in zip(scores, lazy)]
 
   def _masks(self, values, scores, paths, step, previous=None) -> list[jax.Array]:
     if self.structure.density is not None:
